@@ -1,0 +1,1 @@
+"""The Textual monitor.  Talks to agents only through the control socket."""
