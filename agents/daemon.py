@@ -1,0 +1,525 @@
+"""The agent daemon (``godwit agent``): guests, migrations, listeners, control.
+
+One trio nursery for the agent holds the control server(s), the migration
+listener and one task per migration (each migration owns a nursery of its
+own inside that task).  Command handlers are the ``qmp_*`` methods, named as
+QEMU names its (``qmp_migrate``, ``qmp_query_migrate`` …).
+
+Guests belong to the agent, not to a migration: the destination creates an
+*incoming* guest when CONFIG arrives and only keeps it if the migration
+completes; the source releases its guest only when the destination says the
+guest runs there.  SIGTERM/SIGINT stop the agent cleanly — outgoing
+migrations are cancelled (so the source guests run on), incoming ones fail
+(their half-built guests are removed) — and running guests keep running:
+each guest process holds its own memory, and outlives the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from protocol import PROTOCOL_VERSION, qapi
+from protocol.control import DEVICE_NOT_FOUND, QmpError
+from protocol.messages import Config, Hello
+from protocol.options import CAPABILITIES, PARAMETERS, validate_capabilities, validate_parameters
+from protocol.states import MigrationStatus, Role, allowed_commands, is_terminal
+from protocol.uri import parse_uri
+
+from .channel import Channel
+from .control_server import ControlServer
+from .destination import IncomingMigration
+from .events import EventBus
+from .source import OutgoingMigration
+from .transport import Transport, pki_identity, serve_migrations
+from .vm import verify
+from .vm.guest import Guest, GuestSpec
+from .vm.ramblock import RamBlock
+
+log = logging.getLogger("godwit.agent")
+S = MigrationStatus
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("godwit")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+@dataclass
+class AgentConfig:
+    name: str = "agent"
+    listen: str | None = None  # HOST:PORT for migrations
+    control: Path | None = None  # Unix socket
+    control_tls: str | None = None  # HOST:PORT
+    pki: Path | None = None
+    state_dir: Path | None = None
+    insecure_plaintext: bool = False
+
+    @classmethod
+    def from_toml(cls, path: Path) -> AgentConfig:
+        """Keys as the command-line flags (``listen``, ``control``, ``control-tls`` …)."""
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        known = {
+            "name",
+            "listen",
+            "control",
+            "control-tls",
+            "pki",
+            "state-dir",
+            "insecure-plaintext",
+        }
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+            )
+        config = cls()
+        for key, value in data.items():
+            attr = key.replace("-", "_")
+            if attr in ("control", "pki", "state_dir"):
+                value = Path(value)
+            setattr(config, attr, value)
+        return config
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass
+class GuestEntry:
+    """A guest this agent hosts, and its migration settings and history."""
+
+    name: str
+    spec: GuestSpec
+    guest: Guest | None
+    status: str = "running"
+    capabilities: dict[str, bool] = field(
+        default_factory=lambda: {k: v.default for k, v in CAPABILITIES.items()}
+    )
+    parameters: dict[str, Any] = field(
+        default_factory=lambda: {k: v.default for k, v in PARAMETERS.items()}
+    )
+    migration: OutgoingMigration | IncomingMigration | None = None
+
+    def describe_for_destination(self) -> dict[str, Any]:
+        return self.spec.to_dict()
+
+    async def release_after_migration(self) -> None:
+        """The destination runs the guest now: end our copy, keep the record."""
+        if self.guest is not None:
+            await self.guest.quit()
+        self.status = "migrated"
+
+    def info(self) -> dict[str, Any]:
+        g = self.guest
+        out: dict[str, Any] = {
+            "name": self.name,
+            "memory": sum(b.size for b in g.blocks) if g and g.blocks else self.spec.memory,
+            "page-size": g.blocks[0].page_size if g and g.blocks else 4096,
+            "workload": self.spec.workload,
+            "status": self.status,
+            "pid": g.pid if g else None,
+            "migration": None,
+        }
+        if self.migration is not None:
+            out["migration"] = {
+                "role": str(self.migration.state.role),
+                "status": str(self.migration.state.status),
+            }
+        return out
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        identity = pki_identity(config.pki, config.name) if config.pki else None
+        self.transport = Transport(identity, config.insecure_plaintext)
+        self.events = EventBus()
+        self.guests: dict[str, GuestEntry] = {}
+        self.incoming: dict[bytes, IncomingMigration] = {}
+        self.listen_port: int | None = None
+        self.control_tls_port: int | None = None
+        self._nursery: trio.Nursery | None = None
+        self.control = ControlServer(self._handlers(), self.events, self._qmp_version())
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.config.control:
+                await nursery.start(self.control.serve_unix, self.config.control)
+            if self.config.control_tls:
+                if self.transport.identity is None:
+                    raise ValueError("--control-tls needs --pki and --name")
+                host, port = split_host_port(self.config.control_tls)
+                self.control_tls_port = await nursery.start(
+                    self.control.serve_tls, host, port, self.transport._server_ctx
+                )
+            if self.config.listen:
+                host, port = split_host_port(self.config.listen)
+                listeners = await nursery.start(
+                    serve_migrations, self.transport, host, port, self._on_channel
+                )
+                self.listen_port = listeners[0].socket.getsockname()[1]
+            log.info(
+                "agent %s ready: control %s, migrations on port %s",
+                self.config.name,
+                self.config.control,
+                self.listen_port,
+            )
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def shutdown(self) -> None:
+        """Cancel what is in flight (guests keep running) and stop the agent."""
+        for entry in self.guests.values():
+            mig = entry.migration
+            if isinstance(mig, OutgoingMigration) and not is_terminal(mig.state.status):
+                if mig.state.status in (S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE):
+                    mig.cancel()
+            elif isinstance(mig, IncomingMigration) and not is_terminal(mig.state.status):
+                mig.cancel_scope.cancel()
+        with trio.move_on_after(15):
+            for entry in list(self.guests.values()):
+                if entry.migration is not None:
+                    await entry.migration.done.wait()
+        for entry in self.guests.values():
+            if entry.guest is not None:
+                entry.guest.detach()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # -- guests ----------------------------------------------------------------
+
+    def entry(self, args: dict[str, Any]) -> GuestEntry:
+        name = args.get("guest")
+        if name is None:
+            if len(self.guests) == 1:
+                return next(iter(self.guests.values()))
+            raise QmpError(
+                f"say which guest (argument 'guest'); this agent has {len(self.guests)}: "
+                + (", ".join(sorted(self.guests)) or "none"),
+            )
+        if name not in self.guests:
+            raise QmpError(f"no guest named '{name}' on agent {self.config.name}", DEVICE_NOT_FOUND)
+        return self.guests[name]
+
+    def _running_guest(self, entry: GuestEntry) -> Guest:
+        if entry.guest is None or entry.status in ("migrated", "exited"):
+            raise QmpError(f"guest '{entry.name}' is {entry.status} on this agent")
+        return entry.guest
+
+    async def create_incoming_guest(
+        self, incoming: IncomingMigration, config: Config
+    ) -> GuestEntry:
+        spec = GuestSpec.from_dict(config.guest)
+        existing = self.guests.get(spec.name)
+        if existing is not None and existing.status not in ("migrated", "exited"):
+            raise ValueError(f"a guest named '{spec.name}' already exists on {self.config.name}")
+        blocks = [
+            RamBlock.create(b.name, b.size, hugetlb=b.page_size > 4096) for b in config.ramblocks
+        ]
+        try:
+            guest = await Guest.start_incoming(
+                spec, blocks, postcopy=bool(config.capabilities.get("postcopy-ram"))
+            )
+        except BaseException:
+            for b in blocks:
+                b.close()
+            raise
+        entry = GuestEntry(
+            spec.name,
+            spec,
+            guest,
+            status="incoming",
+            capabilities=dict(config.capabilities),
+            parameters=dict(config.parameters),
+        )
+        entry.migration = incoming
+        self.guests[spec.name] = entry
+        return entry
+
+    async def destroy_guest(self, entry: GuestEntry, *, reason: str) -> None:
+        if entry.guest is not None:
+            await entry.guest.quit()
+            entry.guest = None
+        if self.guests.get(entry.name) is entry:
+            del self.guests[entry.name]
+        self.events.emit("GUEST_EXITED", {"guest": entry.name, "reason": reason})
+
+    # -- migration channels ------------------------------------------------------
+
+    async def _on_channel(self, hello: Hello, channel: Channel, peer: str) -> None:
+        if hello.channel.value == "main" and not hello.resume:
+            if hello.migration_id in self.incoming:
+                await channel.send_error(
+                    "duplicate", "a migration with this id is already running here"
+                )
+                await channel.aclose()
+                return
+            mig = IncomingMigration(self, hello, channel, peer)
+            self.incoming[hello.migration_id] = mig
+            try:
+                await mig.run()
+            finally:
+                if is_terminal(mig.state.status):
+                    self.incoming.pop(hello.migration_id, None)
+            return
+        mig = self.incoming.get(hello.migration_id)
+        reason = "unknown migration id" if mig is None else mig.attach(hello, channel)
+        if reason is not None:
+            log.warning(
+                "refused %s channel from %s: %s (%s)",
+                hello.channel.value,
+                peer,
+                reason,
+                hello.migration_id.hex(),
+            )
+            await channel.send_error("unknown-migration", f"{reason} {hello.migration_id.hex()}")
+            await channel.aclose()
+
+    # -- QMP handlers ---------------------------------------------------------
+
+    def _qmp_version(self) -> dict[str, Any]:
+        major, minor, micro = (
+            [*(int(x) for x in _version().split(".")[:3] if x.isdigit()), 0, 0, 0]
+        )[:3]
+        return {
+            "qemu": {"major": major, "minor": minor, "micro": micro},
+            "package": f"godwit {self.config.name}",
+        }
+
+    def _handlers(self) -> dict[str, Any]:
+        handlers = {}
+        for name in qapi.COMMANDS:
+            method = getattr(self, "qmp_" + name.replace("-", "_"), None)
+            if method is not None:
+                handlers[name] = method
+        return handlers
+
+    async def qmp_query_version(self, args: dict[str, Any]) -> Any:
+        return {**self._qmp_version(), "protocol": list(PROTOCOL_VERSION)}
+
+    async def qmp_query_commands(self, args: dict[str, Any]) -> Any:
+        return [{"name": n} for n in sorted(self.control.handlers)]
+
+    async def qmp_query_guests(self, args: dict[str, Any]) -> Any:
+        return [e.info() for e in self.guests.values()]
+
+    async def qmp_query_status(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        running = entry.guest is not None and entry.guest.running
+        status = (
+            "running"
+            if running
+            else {"incoming": "inmigrate", "migrated": "postmigrate"}.get(entry.status, "paused")
+        )
+        return {"running": running, "status": status, "guest": entry.name}
+
+    async def qmp_guest_start(self, args: dict[str, Any]) -> Any:
+        name = args["name"]
+        if name in self.guests and self.guests[name].status not in ("migrated", "exited"):
+            raise QmpError(f"a guest named '{name}' already exists on agent {self.config.name}")
+        spec = GuestSpec(
+            name=name,
+            memory=args.get("memory", 256 << 20),
+            workload=args.get("workload", "counter"),
+            fill=args.get("fill", "random"),
+            seed=args.get("seed", 1),
+            hugetlb=args.get("hugetlb", False),
+        )
+        guest = await Guest.start(spec, paused=args.get("paused", False))
+        entry = GuestEntry(name, spec, guest, status="paused" if args.get("paused") else "running")
+        self.guests[name] = entry
+        self.events.emit("GUEST_STARTED", {"guest": name})
+        return entry.info()
+
+    async def qmp_guest_stop(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        mig = entry.migration
+        if mig is not None and not is_terminal(mig.state.status):
+            raise QmpError(
+                f"guest '{entry.name}' is migrating ({mig.state.status}); cancel the migration first"
+            )
+        await self.destroy_guest(entry, reason="guest-stop")
+        return {}
+
+    async def qmp_stop(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        await self._running_guest(entry).stop()
+        entry.status = "paused"
+        self.events.emit("STOP", {"guest": entry.name})
+        return {}
+
+    async def qmp_cont(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        mig = entry.migration
+        if mig is not None and not is_terminal(mig.state.status):
+            raise QmpError(
+                f"guest '{entry.name}' is migrating ({mig.state.status}): the migration decides when it runs"
+            )
+        await self._running_guest(entry).cont()
+        entry.status = "running"
+        self.events.emit("RESUME", {"guest": entry.name})
+        return {}
+
+    async def qmp_guest_verify(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        guest = self._running_guest(entry)
+        method = args.get("method") or ("counter" if entry.spec.workload == "counter" else "digest")
+        if method == "counter" and entry.spec.workload != "counter":
+            raise QmpError(
+                f"the counter check needs the counter workload; guest '{entry.name}' runs {entry.spec.workload}"
+            )
+        was_running = guest.running
+        if was_running:
+            await guest.stop()
+        try:
+            return await verify.verify_guest(guest, method)
+        finally:
+            if was_running:
+                await guest.cont()
+
+    async def qmp_query_migrate(self, args: dict[str, Any]) -> Any:
+        if args.get("guest") is None and not self.guests:
+            return {"status": "none"}
+        entry = self.entry(args)
+        if entry.migration is None:
+            return {"status": "none", "guest": entry.name}
+        return entry.migration.state.info()
+
+    async def qmp_query_migrate_capabilities(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        return [{"capability": k, "state": v} for k, v in entry.capabilities.items()]
+
+    async def qmp_query_migrate_parameters(self, args: dict[str, Any]) -> Any:
+        return dict(self.entry(args).parameters)
+
+    def _not_migrating(self, entry: GuestEntry, what: str) -> None:
+        mig = entry.migration
+        if mig is not None and not is_terminal(mig.state.status):
+            raise QmpError(f"{what}: guest '{entry.name}' is migrating ({mig.state.status})")
+
+    async def qmp_migrate_set_capabilities(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        self._not_migrating(entry, "migrate-set-capabilities")
+        wanted = {}
+        for item in args["capabilities"]:
+            if not isinstance(item, dict) or "capability" not in item or "state" not in item:
+                raise QmpError('each capability is {"capability": NAME, "state": BOOL}')
+            wanted[item["capability"]] = item["state"]
+        entry.capabilities = validate_capabilities({**entry.capabilities, **wanted})
+        return {}
+
+    async def qmp_migrate_set_parameters(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        params = {k: v for k, v in args.items() if k != "guest"}
+        entry.parameters = validate_parameters({**entry.parameters, **params})
+        mig = entry.migration
+        if isinstance(mig, OutgoingMigration) and not is_terminal(mig.state.status):
+            mig.parameters.update(params)
+            if "max-bandwidth" in params and mig.ram is not None:
+                mig.ram.limiter.rate = float(params["max-bandwidth"])
+        return {}
+
+    def _check_allowed(self, entry: GuestEntry, command: str, role: Role) -> None:
+        mig = entry.migration
+        status = mig.state.status if mig is not None else S.NONE
+        if mig is not None and mig.state.role != role and not is_terminal(status):
+            raise QmpError(
+                f"{command}: guest '{entry.name}' is the {mig.state.role} of a migration here"
+            )
+        if command not in allowed_commands(role, status):
+            raise QmpError(
+                f"{command} is not possible while the migration of '{entry.name}' is {status}"
+            )
+
+    async def qmp_migrate(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        uri = parse_uri(args["uri"])
+        if args.get("resume"):
+            self._check_allowed(entry, "migrate-resume", Role.SOURCE)
+            raise QmpError("postcopy recovery is not implemented yet")
+        self._check_allowed(entry, "migrate", Role.SOURCE)
+        self._running_guest(entry)
+        if uri.scheme == "file":
+            raise QmpError("file: migration (mapped-ram) is not implemented yet")
+        self.transport.check_uri(uri)
+        mig = OutgoingMigration(self, entry, uri)
+        entry.migration = mig
+        assert self._nursery is not None
+        self._nursery.start_soon(mig.run)
+        return {}
+
+    async def qmp_migrate_incoming(self, args: dict[str, Any]) -> Any:
+        if self.listen_port is None:
+            raise QmpError(
+                "this agent has no migration listener (start it with --listen HOST:PORT)"
+            )
+        return {"port": self.listen_port}
+
+    async def qmp_migrate_cancel(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        mig = entry.migration
+        if mig is None or is_terminal(mig.state.status):
+            return {}
+        if isinstance(mig, IncomingMigration):
+            raise QmpError("migrate-cancel is for the source; the destination follows it")
+        self._check_allowed(entry, "migrate-cancel", Role.SOURCE)
+        mig.cancel()
+        return {}
+
+    async def qmp_migrate_continue(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        if args["state"] != "pre-switchover":
+            raise QmpError(
+                f"migrate-continue: state must be 'pre-switchover', not '{args['state']}'"
+            )
+        self._check_allowed(entry, "migrate-continue", Role.SOURCE)
+        assert isinstance(entry.migration, OutgoingMigration)
+        entry.migration.migrate_continue()
+        return {}
+
+
+def configure_logging(level: str = "info") -> None:
+    """journald-friendly: no timestamps (the journal has them), a level prefix."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def run_agent(
+    config: AgentConfig, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run an agent until SIGTERM/SIGINT, then shut down cleanly."""
+    agent = Agent(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("%s: shutting down (guests keep running)", signal.Signals(signum).name)
+                    await agent.shutdown()
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(on_signals)
+        task_status.started(agent)

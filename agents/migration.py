@@ -1,0 +1,214 @@
+"""One migration's state and statistics, as ``query-migrate`` reports them.
+
+QEMU keeps this in ``MigrationState`` (migration.c) and ``RAMStats``
+(ram.c).  Here both sides keep a :class:`MigrationState`: the status moves
+only through :func:`protocol.states.transition` (an illegal move raises — it
+is a bug), every move is announced as a ``MIGRATION`` event, and
+:meth:`MigrationState.info` builds QEMU's MigrationInfo with godwit's
+additions (role, channels, pauses and recoveries).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from protocol.states import MigrationStatus, Role, is_terminal, transition
+
+from .events import EventBus
+
+S = MigrationStatus
+LATENCY_BUCKETS = 32
+
+
+def new_migration_id() -> bytes:
+    return os.urandom(16)
+
+
+def now_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+@dataclass
+class ChannelStats:
+    """What the TUI's channel table shows for one connection."""
+
+    name: str
+    connected: bool = False
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    last_frame: float = 0.0  # time.monotonic() of the last frame either way
+
+    def info(self) -> dict[str, Any]:
+        age = (time.monotonic() - self.last_frame) * 1000 if self.last_frame else None
+        out: dict[str, Any] = {
+            "name": self.name,
+            "connected": self.connected,
+            "bytes-sent": self.bytes_sent,
+            "bytes-received": self.bytes_received,
+        }
+        if age is not None:
+            out["last-frame-age-ms"] = round(age)
+        return out
+
+
+@dataclass
+class RamStats:
+    """QEMU's RAMStats, counted in pages and bytes as query-migrate shows them."""
+
+    page_size: int = 4096
+    total: int = 0  # bytes of guest RAM
+    transferred: int = 0  # bytes on the wire for RAM (headers included)
+    remaining: int = 0  # bytes still dirty / not yet sent
+    duplicate: int = 0  # zero pages (QEMU's name)
+    normal: int = 0  # pages sent with data
+    precopy_bytes: int = 0
+    downtime_bytes: int = 0
+    postcopy_bytes: int = 0
+    multifd_bytes: int = 0
+    postcopy_requests: int = 0
+    dirty_sync_count: int = 0
+    dirty_pages_rate: float = 0.0  # pages/s
+    mbps: float = 0.0
+    pages_per_second: float = 0.0
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "transferred": self.transferred,
+            "remaining": self.remaining,
+            "total": self.total,
+            "duplicate": self.duplicate,
+            "normal": self.normal,
+            "normal-bytes": self.normal * self.page_size,
+            "dirty-pages-rate": round(self.dirty_pages_rate),
+            "mbps": round(self.mbps, 3),
+            "dirty-sync-count": self.dirty_sync_count,
+            "precopy-bytes": self.precopy_bytes,
+            "downtime-bytes": self.downtime_bytes,
+            "postcopy-bytes": self.postcopy_bytes,
+            "postcopy-requests": self.postcopy_requests,
+            "multifd-bytes": self.multifd_bytes,
+            "pages-per-second": round(self.pages_per_second),
+            "page-size": self.page_size,
+        }
+
+
+@dataclass
+class PostcopyStats:
+    """Fault service figures on the destination (QEMU's postcopy-blocktime & latency)."""
+
+    blocktime_ms: float = 0.0
+    vcpu_blocktime_ms: list[float] = field(default_factory=lambda: [0.0])
+    latency_dist: np.ndarray = field(
+        default_factory=lambda: np.zeros(LATENCY_BUCKETS, dtype=np.int64)
+    )
+    latency_sum_ns: int = 0
+    latency_count: int = 0
+
+    def record_latencies(self, latencies_ns: np.ndarray) -> None:
+        if latencies_ns.size == 0:
+            return
+        self.latency_sum_ns += int(latencies_ns.sum())
+        self.latency_count += int(latencies_ns.size)
+        micros = np.maximum(latencies_ns // 1000, 1)
+        buckets = np.minimum(np.floor(np.log2(micros)).astype(np.int64), LATENCY_BUCKETS - 1)
+        self.latency_dist += np.bincount(buckets, minlength=LATENCY_BUCKETS)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "postcopy-blocktime": round(self.blocktime_ms),
+            "postcopy-vcpu-blocktime": [round(v) for v in self.vcpu_blocktime_ms],
+            "postcopy-latency": self.latency_sum_ns // self.latency_count
+            if self.latency_count
+            else 0,
+            "postcopy-latency-dist": [int(x) for x in self.latency_dist],
+        }
+
+
+class MigrationState:
+    """Status, timings and counters of one migration, on one side."""
+
+    def __init__(
+        self, role: Role, guest: str, events: EventBus, migration_id: bytes | None = None
+    ) -> None:
+        self.role = role
+        self.guest = guest
+        self.events = events
+        self.id = migration_id or new_migration_id()
+        self.status = S.NONE
+        self.uri = ""
+        self.error_desc: str | None = None
+        self.start_ms = now_ms()
+        self.setup_ms: float | None = None
+        self.end_ms: float | None = None
+        self.downtime_ms: float | None = None
+        self.expected_downtime_ms: float | None = None
+        self.throttle_percent = 0
+        self.pauses = 0
+        self.recoveries = 0
+        self.ram = RamStats()
+        self.postcopy = PostcopyStats()
+        self.postcopy_enabled = False
+        self.channels: dict[str, ChannelStats] = {}
+        self.status_changed: list[Callable[[MigrationStatus], None]] = []
+
+    def set_status(self, new: MigrationStatus) -> None:
+        """Move to ``new`` through the protocol's table and announce it."""
+        if new == self.status:
+            return
+        self.status = transition(self.role, self.status, new)
+        if new == S.ACTIVE and self.setup_ms is None:
+            self.setup_ms = now_ms() - self.start_ms
+        if is_terminal(new):
+            self.end_ms = now_ms()
+        if new == S.POSTCOPY_PAUSED:
+            self.pauses += 1
+        self.events.emit("MIGRATION", {"status": str(new), "guest": self.guest})
+        for callback in self.status_changed:
+            callback(new)
+
+    def fail(self, desc: str) -> None:
+        if is_terminal(self.status):
+            return
+        self.error_desc = self.error_desc or desc
+        self.set_status(S.FAILED)
+
+    def channel(self, name: str) -> ChannelStats:
+        if name not in self.channels:
+            self.channels[name] = ChannelStats(name)
+        return self.channels[name]
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": str(self.status),
+            "guest": self.guest,
+            "role": str(self.role),
+        }
+        if self.status == S.NONE:
+            return out
+        end = self.end_ms if self.end_ms is not None else now_ms()
+        out["total-time"] = round(end - self.start_ms)
+        if self.setup_ms is not None:
+            out["setup-time"] = round(self.setup_ms)
+        if self.uri:
+            out["uri"] = self.uri
+        if self.downtime_ms is not None:
+            out["downtime"] = round(self.downtime_ms, 3)
+        elif self.expected_downtime_ms is not None and not is_terminal(self.status):
+            out["expected-downtime"] = round(self.expected_downtime_ms)
+        if self.role == Role.SOURCE:
+            out["cpu-throttle-percentage"] = self.throttle_percent
+        if self.error_desc:
+            out["error-desc"] = self.error_desc
+        out["ram"] = self.ram.info()
+        if self.postcopy_enabled:
+            out.update(self.postcopy.info())
+            out["pauses"] = self.pauses
+            out["recoveries"] = self.recoveries
+        out["channels"] = [c.info() for c in self.channels.values()]
+        return out

@@ -1,0 +1,289 @@
+"""Guest RAM on the wire, both directions (QEMU's ram.c).
+
+Source: a :class:`RamSender` owns, per RAM block, the bitmap of pages the
+destination still lacks (``to_send``; all set at the start, like QEMU's
+dirty bitmap after the first sync).  A pass turns the set bits into page
+indices once (numpy), cuts them into batches of at most ``BATCH_PAGES``, and
+for each batch finds the zero pages over the whole batch at once:
+contiguous batches go out as PAGES frames straight from guest RAM (a
+memoryview, no copy), scattered ones are gathered into one PAGE_BATCH frame,
+so a pass over thousands of random dirty pages costs a few dozen frames, not
+a Python iteration per page.  Zero pages go as ZERO / ZERO_BATCH.  A dirty
+sync (PAGEMAP_SCAN get-and-clear in the guest) ORs newly written pages back
+into ``to_send``; because the scan write-protects a page again before we
+read it, any write after the read shows up in the next sync.
+
+Destination: a :class:`RamReceiver` applies pages to the memfds (precopy:
+through the agent's own mapping or pwrite; postcopy: the placer's
+UFFDIO_COPY, supplied by the caller) and keeps ``received`` bitmaps — the
+bitmap postcopy recovery sends back (RECV_BITMAP).  A ZERO for a page never
+received needs no write: fresh memfd pages are already zero.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import trio
+
+from protocol.bitmap import PageBitmap
+from protocol.messages import PageBatch, Pages, Zero, ZeroBatch
+
+from .migration import RamStats
+from .vm.ramblock import RamBlock, zero_page_mask
+
+BATCH_PAGES = 256
+"""Pages per frame: 1 MiB of 4 KiB pages — large enough for TLS and syscall
+efficiency, small enough that a postcopy request waits behind at most one."""
+
+SendFn = Callable[[object], Awaitable[int]]
+
+
+class RateLimiter:
+    """A token bucket for ``max-bandwidth`` (bytes/s; 0 means unlimited)."""
+
+    def __init__(self, rate: float = 0) -> None:
+        self.rate = float(rate)
+        self._allowance = 0.0
+        self._last = time.monotonic()
+
+    async def consume(self, nbytes: int) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        # At most 100 ms of burst, as QEMU's rate limiting windows.
+        self._allowance = min(self._allowance + (now - self._last) * self.rate, self.rate * 0.1)
+        self._last = now
+        self._allowance -= nbytes
+        if self._allowance < 0:
+            await trio.sleep(-self._allowance / self.rate)
+
+
+@dataclass
+class BandwidthMeter:
+    """Bytes per second over the recent past, as QEMU measures it each ~100 ms."""
+
+    window: float = 0.5
+    _mark_time: float = 0.0
+    _mark_bytes: int = 0
+    rate: float = 0.0  # bytes/s
+
+    def update(self, total_bytes: int, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        if self._mark_time == 0.0:
+            self._mark_time, self._mark_bytes = now, total_bytes
+            return self.rate
+        elapsed = now - self._mark_time
+        if elapsed >= 0.1:
+            sample = (total_bytes - self._mark_bytes) / elapsed
+            # Weighted toward the newest sample, but not blind to the last one.
+            self.rate = sample if self.rate == 0 else 0.7 * sample + 0.3 * self.rate
+            self._mark_time, self._mark_bytes = now, total_bytes
+        return self.rate
+
+
+def _batches(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
+
+
+def _mask_runs(mask: np.ndarray) -> list[tuple[int, int, bool]]:
+    """Split a boolean array into (start, length, value) runs, vectorised."""
+    edges = np.flatnonzero(np.diff(mask.view(np.int8))) + 1
+    starts = np.concatenate(([0], edges))
+    ends = np.concatenate((edges, [len(mask)]))
+    return [(int(s), int(e - s), bool(mask[s])) for s, e in zip(starts, ends, strict=True)]
+
+
+class RamSender:
+    """The source's view of what the destination still needs, and how to send it."""
+
+    def __init__(
+        self, blocks: Sequence[RamBlock], stats: RamStats, *, detect_zero: bool = True
+    ) -> None:
+        self.blocks = list(blocks)
+        self.stats = stats
+        self.detect_zero = detect_zero
+        self.to_send = [PageBitmap(b.npages) for b in self.blocks]
+        for bitmap in self.to_send:
+            bitmap.set_range(0, bitmap.npages)
+        self.sent_once = [PageBitmap(b.npages) for b in self.blocks]
+        """Pages the destination holds a copy of (maybe stale): postcopy discards among these."""
+        self.limiter = RateLimiter()
+        stats.page_size = self.blocks[0].page_size if self.blocks else 4096
+        stats.total = sum(b.size for b in self.blocks)
+        self.update_remaining()
+
+    def pending_pages(self) -> int:
+        return sum(b.count() for b in self.to_send)
+
+    def pending_bytes(self) -> int:
+        return sum(
+            bm.count() * blk.page_size for bm, blk in zip(self.to_send, self.blocks, strict=True)
+        )
+
+    def update_remaining(self) -> None:
+        self.stats.remaining = self.pending_bytes()
+
+    def add_dirty(self, block_index: int, pages: np.ndarray) -> int:
+        """OR pages written by the guest since the last sync into ``to_send``."""
+        if len(pages):
+            self.to_send[block_index].set_indices(pages)
+        return len(pages)
+
+    async def send_pass(
+        self,
+        send: SendFn,
+        *,
+        phase: str = "precopy",
+        checkpoint: Callable[[], Awaitable[None]] | None = None,
+        max_pages: int | None = None,
+    ) -> int:
+        """Send what ``to_send`` holds now; returns pages sent.
+
+        ``checkpoint`` runs between batches (progress, switch requests);
+        ``max_pages`` bounds one call so the caller can re-sync in between.
+        """
+        done = 0
+        for index, bitmap in enumerate(self.to_send):
+            if not bitmap.any():
+                continue
+            pages = np.flatnonzero(bitmap.to_bool()).astype(np.uint64)
+            if max_pages is not None:
+                pages = pages[: max(0, max_pages - done)]
+            bitmap.clear_indices(pages)
+            for batch in _batches(pages, BATCH_PAGES):
+                nbytes = await self.send_batch(send, index, batch, phase)
+                await self.limiter.consume(nbytes)
+                done += len(batch)
+                self.update_remaining()
+                if checkpoint is not None:
+                    await checkpoint()
+            if max_pages is not None and done >= max_pages:
+                break
+        self.update_remaining()
+        return done
+
+    async def send_batch(
+        self, send: SendFn, block_index: int, batch: np.ndarray, phase: str, request_id: int = 0
+    ) -> int:
+        """Send one batch of page indices of one block; returns bytes on the wire."""
+        block = self.blocks[block_index]
+        ps = block.page_size
+        first, last = int(batch[0]), int(batch[-1])
+        contiguous = last - first + 1 == len(batch)
+        nbytes = 0
+        if contiguous:
+            view = block.pages(first, len(batch))
+            mask = (
+                zero_page_mask(view, ps) if self.detect_zero else np.zeros(len(batch), dtype=bool)
+            )
+            for start, length, is_zero in _mask_runs(mask):
+                if is_zero:
+                    nbytes += await send(Zero(block_index, first + start, length))
+                    self.stats.duplicate += length
+                else:
+                    data = view[start * ps : (start + length) * ps]
+                    nbytes += await send(
+                        Pages(block_index, first + start, length, data, request_id)
+                    )
+                    self.stats.normal += length
+        else:
+            data = block.array.reshape(-1, ps)[batch.astype(np.intp)]
+            mask = (
+                zero_page_mask(memoryview(data).cast("B"), ps)
+                if self.detect_zero
+                else np.zeros(len(batch), bool)
+            )
+            if mask.any():
+                nbytes += await send(ZeroBatch(block_index, batch[mask]))
+                self.stats.duplicate += int(mask.sum())
+            if not mask.all():
+                keep = ~mask
+                payload = np.ascontiguousarray(data[keep])
+                nbytes += await send(
+                    PageBatch(block_index, batch[keep], memoryview(payload).cast("B"))
+                )
+                self.stats.normal += int(keep.sum())
+        self.sent_once[block_index].set_indices(batch)
+        self.stats.transferred += nbytes
+        if phase == "precopy":
+            self.stats.precopy_bytes += nbytes
+        elif phase == "downtime":
+            self.stats.downtime_bytes += nbytes
+        else:
+            self.stats.postcopy_bytes += nbytes
+        return nbytes
+
+
+class RamReceiver:
+    """The destination's RAM: applies pages and remembers which ones arrived."""
+
+    def __init__(self, blocks: Sequence[RamBlock]) -> None:
+        self.blocks = list(blocks)
+        self.received = [PageBitmap(b.npages) for b in self.blocks]
+
+    def block(self, index: int) -> RamBlock:
+        if not 0 <= index < len(self.blocks):
+            raise ValueError(f"RAM block index {index} out of range (guest has {len(self.blocks)})")
+        return self.blocks[index]
+
+    def _check(self, block: RamBlock, first: int, count: int) -> None:
+        if first < 0 or count <= 0 or first + count > block.npages:
+            raise ValueError(
+                f"pages {first}..{first + count - 1} outside RAM block {block.name} ({block.npages} pages)"
+            )
+
+    def apply_pages(self, msg: Pages) -> None:
+        block = self.block(msg.block)
+        self._check(block, msg.first_page, msg.count)
+        if len(msg.data) != msg.count * block.page_size:
+            raise ValueError(
+                f"PAGES for {block.name}: {len(msg.data)} bytes is not {msg.count} pages of {block.page_size}"
+            )
+        block.write_pages(msg.first_page, msg.data)
+        self.received[msg.block].set_range(msg.first_page, msg.count)
+
+    def apply_page_batch(self, msg: PageBatch) -> None:
+        block = self.block(msg.block)
+        pages = msg.pages.astype(np.intp)
+        if len(pages) and (pages.min() < 0 or pages.max() >= block.npages):
+            raise ValueError(
+                f"PAGE_BATCH for {block.name}: page index outside 0..{block.npages - 1}"
+            )
+        data = np.frombuffer(msg.data, dtype=np.uint8)
+        if data.size != len(pages) * block.page_size:
+            raise ValueError(
+                f"PAGE_BATCH for {block.name}: {data.size} bytes is not {len(pages)} pages"
+            )
+        block.array.reshape(-1, block.page_size)[pages] = data.reshape(len(pages), block.page_size)
+        self.received[msg.block].set_indices(msg.pages)
+
+    def apply_zero(self, msg: Zero) -> None:
+        block = self.block(msg.block)
+        self._check(block, msg.first_page, msg.count)
+        received = self.received[msg.block]
+        seen = received.to_bool()[msg.first_page : msg.first_page + msg.count]
+        if seen.any():  # a page we hold data for became zero: clear it
+            block.array[
+                msg.first_page * block.page_size : (msg.first_page + msg.count) * block.page_size
+            ] = 0
+        received.set_range(msg.first_page, msg.count)
+
+    def apply_zero_batch(self, msg: ZeroBatch) -> None:
+        block = self.block(msg.block)
+        pages = msg.pages.astype(np.intp)
+        if len(pages) and (pages.min() < 0 or pages.max() >= block.npages):
+            raise ValueError(
+                f"ZERO_BATCH for {block.name}: page index outside 0..{block.npages - 1}"
+            )
+        seen = pages[self.received[msg.block].to_bool()[pages]]
+        if len(seen):
+            block.array.reshape(-1, block.page_size)[seen] = 0
+        self.received[msg.block].set_indices(msg.pages)
+
+    def complete(self) -> bool:
+        return all(r.count() == r.npages for r in self.received)
