@@ -1,0 +1,101 @@
+"""Fixtures for agent tests: a PKI made once, and pairs of real agents on loopback.
+
+Agents run in the test's trio nursery (same process, real TLS, real guest
+processes); ``tests/agents/test_demo.py`` covers agents as separate processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from agents import pki
+from agents.client import ControlClient, open_client
+from agents.daemon import Agent, AgentConfig
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    pki.init_ca(d)
+    for name in ("source", "destination", "third"):
+        pki.issue_cert(d, name, dns=["localhost"], ips=["127.0.0.1"])
+    return d
+
+
+@pytest.fixture(scope="session")
+def rogue_pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another CA, with a host certificate that carries the right names."""
+    d = tmp_path_factory.mktemp("rogue")
+    pki.init_ca(d, common_name="rogue CA")
+    pki.issue_cert(d, "source", dns=["localhost"], ips=["127.0.0.1"])
+    return d
+
+
+@dataclass
+class RunningAgent:
+    agent: Agent
+    client: ControlClient
+    socket: Path
+    scope: trio.CancelScope
+
+    @property
+    def uri(self) -> str:
+        return f"tls:127.0.0.1:{self.agent.listen_port}"
+
+    async def stop(self) -> None:
+        """Stop the agent abruptly (its connections break), as a crash or kill would."""
+        self.scope.cancel()
+
+
+@asynccontextmanager
+async def running_agent(tmp: Path, pki_dir: Path, name: str, *, listen: bool = True) -> AsyncIterator[RunningAgent]:
+    sock = tmp / f"{name}.sock"
+    config = AgentConfig(name=name, control=sock, pki=pki_dir, listen="127.0.0.1:0" if listen else None)
+    agent = Agent(config)
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await agent.run(task_status=task_status)
+
+        await nursery.start(run)
+        try:
+            async with open_client(sock) as client:
+                yield RunningAgent(agent, client, sock, scope)
+        finally:
+            with trio.CancelScope(shield=True):
+                for entry in list(agent.guests.values()):
+                    if entry.guest is not None:
+                        await entry.guest.quit()
+            nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def short_tmp() -> AsyncIterator[Path]:
+    """Unix socket paths must be short (108 bytes): pytest's tmp_path can be too long."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="gw-"))
+    yield d  # type: ignore[misc]
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+async def pair(short_tmp: Path, pki_dir: Path) -> AsyncIterator[tuple[RunningAgent, RunningAgent]]:
+    async with running_agent(short_tmp, pki_dir, "source", listen=False) as src, \
+            running_agent(short_tmp, pki_dir, "destination") as dst:
+        yield src, dst
+
+
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (userfaultfd on shmem, PAGEMAP_SCAN of another process)")
