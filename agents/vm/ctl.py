@@ -1,0 +1,69 @@
+"""The private agent↔guest control protocol: one JSON object per SOCK_SEQPACKET message.
+
+SEQPACKET keeps message boundaries, so the guest can drop a heartbeat when
+the agent is not reading (send with MSG_DONTWAIT fails whole, never half),
+and a reply is never interleaved with an event.
+
+Agent → guest: ``{"id": N, "cmd": NAME, ...args}``.
+Guest → agent: ``{"id": N, "ok": true, "result": ...}`` or
+``{"id": N, "ok": false, "error": "..."}``, and events ``{"event": NAME, ...}``:
+``hello`` (first, with the postcopy uffd attached over SCM_RIGHTS),
+``heartbeat``, ``job_done``, ``fatal``.
+
+Numpy arrays travel as ``{"dtype": ..., "b64": ...}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import numpy as np
+
+MAX_MESSAGE = 16 << 20
+SNDBUF = 16 << 20
+
+
+def pack_array(a: np.ndarray) -> dict[str, str]:
+    a = np.ascontiguousarray(a)
+    if a.dtype == bool:
+        return {
+            "dtype": "bits",
+            "n": str(len(a)),
+            "b64": base64.b64encode(np.packbits(a).tobytes()).decode(),
+        }
+    return {"dtype": a.dtype.str, "b64": base64.b64encode(a.tobytes()).decode()}
+
+
+def unpack_array(obj: dict[str, str]) -> np.ndarray:
+    raw = base64.b64decode(obj["b64"])
+    if obj["dtype"] == "bits":
+        return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=int(obj["n"])).astype(bool)
+    return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).copy()
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return pack_array(o)
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    data = json.dumps(msg, default=_default, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ValueError(
+            f"control message {msg.get('cmd') or msg.get('event')} is {len(data)} bytes, over {MAX_MESSAGE}"
+        )
+    return data
+
+
+def decode(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    obj = json.loads(bytes(data))
+    if not isinstance(obj, dict):
+        raise ValueError(f"control message is not an object: {bytes(data)[:80]!r}")
+    return obj

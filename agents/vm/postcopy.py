@@ -1,0 +1,228 @@
+"""Postcopy page placement (agent side): fault messages in, UFFDIO_COPY/ZEROPAGE/WAKE out.
+
+The guest registered its RAM MISSING on a userfaultfd and handed the fd to
+the agent.  The agent's fault task waits for it to be readable
+(``trio.lowlevel.wait_readable(placer.fileno())``), calls ``read_faults``
+and asks the source for those pages; arriving pages are placed with
+``copy``, which also wakes the vCPU threads sleeping on them.
+
+Rules from linux-uffd.md that this module encodes:
+
+- A page already present (pwrite by precopy, or placed earlier) makes COPY
+  fail with EEXIST and does *not* wake anyone: we UFFDIO_WAKE it.
+- A multi-page COPY that meets a present page returns EAGAIN with ``copy``
+  = bytes done (those are woken): continue from there; the present page
+  then gives EEXIST, is woken, and skipped.
+- EAGAIN with nothing done means the guest's mm is changing: retry.
+- hugetlb pages are placed whole, never partially.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+
+from agents.vm import uffd as U
+from agents.vm.dirty import Mapping
+from agents.vm.errors import GuestGone, PlacementError
+from agents.vm.ramblock import HUGE_PAGE_SIZE
+
+MSG_DTYPE = np.dtype(
+    {
+        "names": ["event", "flags", "address", "ptid"],
+        "formats": ["u1", "<u8", "<u8", "<u4"],
+        "offsets": [0, 8, 16, 24],
+        "itemsize": 32,
+    }
+)
+_COPY = struct.Struct("<QQQQq")
+_ZERO = struct.Struct("<QQQq")
+MAX_EAGAIN_RETRIES = 10_000
+
+
+class UffdPlacer:
+    """Places pages into a postcopy guest through the uffd it handed over."""
+
+    def __init__(self, uffd: int, mappings: Sequence[Mapping], *, batch: int = 512) -> None:
+        self.fd = uffd
+        self.mappings = list(mappings)
+        self.starts = np.array([m.addr for m in self.mappings], dtype=np.uint64)
+        self.ends = np.array([m.addr + m.size for m in self.mappings], dtype=np.uint64)
+        self.page_sizes = np.array([m.page_size for m in self.mappings], dtype=np.uint64)
+        self._buf = np.zeros(batch, dtype=MSG_DTYPE)
+        self._arg = bytearray(_COPY.size)
+        self._zero_arg = bytearray(_ZERO.size)
+        self._zeros: np.ndarray | None = None
+        self.placed = 0
+        self.woken_existing = 0
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        """Close the agent's copy of the uffd (the guest unregisters its own)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- faults --------------------------------------------------------------
+
+    def read_faults(self) -> np.ndarray:
+        """Every pending fault as rows of (block index, page index); empty if none.
+
+        Reads whole batches of 32-byte uffd_msg until the fd would block.
+        """
+        out: list[np.ndarray] = []
+        raw = memoryview(self._buf.view(np.uint8))  # type: ignore[arg-type]
+        cap = len(raw)
+        while True:
+            try:
+                n = os.readv(self.fd, [raw])
+            except BlockingIOError:
+                break
+            except OSError as e:
+                raise PlacementError(f"reading userfaultfd {self.fd}: {e.strerror}") from e
+            if n <= 0:
+                break
+            msgs = self._buf[: n // 32]
+            addr = msgs["address"][msgs["event"] == U.UFFD_EVENT_PAGEFAULT]
+            if len(addr):
+                b = np.searchsorted(self.starts, addr, side="right").astype(np.int64) - 1
+                ok = (b >= 0) & (addr < self.ends[np.maximum(b, 0)])
+                if not ok.all():
+                    bad = int(addr[~ok][0])
+                    raise PlacementError(
+                        f"userfaultfd fault at 0x{bad:x} is outside every RAM block"
+                    )
+                page = (addr - self.starts[b]) // self.page_sizes[b]
+                out.append(np.stack([b, page.astype(np.int64)], axis=1))
+            if n < cap:
+                break
+        if not out:
+            return np.zeros((0, 2), dtype=np.int64)
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    # -- placement -----------------------------------------------------------
+
+    def _where(self, block: int, first: int, count: int) -> str:
+        m = self.mappings[block]
+        return f"block {m.name!r} pages [{first}, {first + count})"
+
+    def _range(self, block: int, first: int, count: int) -> tuple[int, int, int]:
+        m = self.mappings[block]
+        ps = m.page_size
+        if first < 0 or count < 0 or (first + count) * ps > m.size:
+            raise PlacementError(f"{self._where(block, first, count)} outside {m.size // ps} pages")
+        return m.addr + first * ps, count * ps, ps
+
+    def _fail(self, op: str, e: OSError, block: int, page: int, count: int) -> Exception:
+        where = self._where(block, page, count)
+        if e.errno == errno.ESRCH:
+            return GuestGone(f"{op} {where}: the guest process is gone")
+        if e.errno == errno.ENOENT:
+            return PlacementError(
+                f"{op} {where}: range not registered with this userfaultfd (ENOENT)"
+            )
+        return PlacementError(f"{op} {where}: {e.strerror} (errno {e.errno})")
+
+    def copy(self, block: int, first_page: int, data: object) -> int:
+        """Place whole pages from ``data`` at ``first_page``; returns pages placed.
+
+        Pages already present are woken and skipped (not counted).
+        """
+        src = np.frombuffer(data, dtype=np.uint8)  # type: ignore[call-overload]
+        ps = self.mappings[block].page_size
+        if len(src) % ps:
+            raise PlacementError(
+                f"{self._where(block, first_page, len(src) // ps)}: {len(src)} bytes is not whole pages of {ps}"
+            )
+        dst, length, ps = self._range(block, first_page, len(src) // ps)
+        src_addr = int(src.ctypes.data)
+        arg = self._arg
+        done = placed = retries = 0
+        while done < length:
+            _COPY.pack_into(arg, 0, dst + done, src_addr + done, length - done, 0, 0)
+            try:
+                fcntl.ioctl(self.fd, U.UFFDIO_COPY, arg, True)
+                placed += (length - done) // ps
+                break
+            except OSError as e:
+                c = _COPY.unpack_from(arg)[4]
+                if c > 0:
+                    placed += c // ps
+                    done += c
+                if e.errno == errno.EEXIST:
+                    self._wake_one(dst + done, ps)
+                    done += ps
+                elif e.errno == errno.EAGAIN:
+                    if c <= 0:
+                        retries += 1
+                        if retries > MAX_EAGAIN_RETRIES:
+                            raise self._fail(
+                                "UFFDIO_COPY", e, block, first_page + done // ps, 1
+                            ) from e
+                else:
+                    raise self._fail(
+                        "UFFDIO_COPY", e, block, first_page + done // ps, (length - done) // ps
+                    ) from e
+        self.placed += placed
+        return placed
+
+    def _wake_one(self, addr: int, ps: int) -> None:
+        try:
+            U.wake(self.fd, addr, ps)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise GuestGone(f"UFFDIO_WAKE at 0x{addr:x}: the guest process is gone") from e
+            raise
+        self.woken_existing += 1
+
+    def zeropage(self, block: int, first: int, count: int) -> int:
+        """Place zero pages; returns pages placed (present ones are woken, skipped)."""
+        dst, length, ps = self._range(block, first, count)
+        if ps == HUGE_PAGE_SIZE:  # hugetlb has no UFFDIO_ZEROPAGE
+            if self._zeros is None or len(self._zeros) < length:
+                self._zeros = np.zeros(length, dtype=np.uint8)
+            return self.copy(block, first, self._zeros[:length])
+        arg = self._zero_arg
+        done = placed = retries = 0
+        while done < length:
+            _ZERO.pack_into(arg, 0, dst + done, length - done, 0, 0)
+            try:
+                fcntl.ioctl(self.fd, U.UFFDIO_ZEROPAGE, arg, True)
+                placed += (length - done) // ps
+                break
+            except OSError as e:
+                c = _ZERO.unpack_from(arg)[3]
+                if c > 0:
+                    placed += c // ps
+                    done += c
+                if e.errno == errno.EEXIST:
+                    self._wake_one(dst + done, ps)
+                    done += ps
+                elif e.errno == errno.EAGAIN:
+                    if c <= 0:
+                        retries += 1
+                        if retries > MAX_EAGAIN_RETRIES:
+                            raise self._fail(
+                                "UFFDIO_ZEROPAGE", e, block, first + done // ps, 1
+                            ) from e
+                else:
+                    raise self._fail(
+                        "UFFDIO_ZEROPAGE", e, block, first + done // ps, (length - done) // ps
+                    ) from e
+        self.placed += placed
+        return placed
+
+    def wake(self, block: int, first: int, count: int) -> None:
+        """Wake threads waiting on pages made present another way (pwrite + wake)."""
+        dst, length, _ps = self._range(block, first, count)
+        try:
+            U.wake(self.fd, dst, length)
+        except OSError as e:
+            raise self._fail("UFFDIO_WAKE", e, block, first, count) from e
