@@ -283,6 +283,7 @@ class TLSStream(trio.abc.Stream):
         self._handshaken = False
         self.peer_address = _address(self._sock)
         self._peer: PeerIdentity | None = None
+        self.close_timeout = CLOSE_TIMEOUT  # how long aclose may spend on close_notify
         self.bytes_sent = 0  # application bytes
         self.bytes_received = 0
         self.wire_bytes_sent = 0  # TLS bytes on the socket
@@ -572,7 +573,7 @@ class TLSStream(trio.abc.Stream):
         """Close: send close_notify if we can within CLOSE_TIMEOUT, then close the socket.
 
         Never waits for the peer's close_notify, so a dead or stuck peer costs
-        at most CLOSE_TIMEOUT. A task blocked on this stream gets
+        at most ``close_timeout`` (default CLOSE_TIMEOUT). A task blocked on this stream gets
         ``trio.ClosedResourceError``.
         """
         if self._closed:
@@ -585,7 +586,7 @@ class TLSStream(trio.abc.Stream):
                     self._ssl.unwrap()
                 except (ssl.SSLWantReadError, ssl.SSLError):
                     pass
-                with trio.move_on_after(CLOSE_TIMEOUT):
+                with trio.move_on_after(self.close_timeout):
                     try:
                         await self._flush()
                     except (trio.BrokenResourceError, trio.ClosedResourceError):

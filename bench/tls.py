@@ -175,7 +175,7 @@ def measure(kind: str, pki_dir: Path, ident: pki.Identity, total: int, data: byt
         t1, got = ours.recv()
         if got != total:
             raise RuntimeError(f"{kind}: receiver got {got} of {total} bytes")
-        return total / (t1 - t0) / 1e9
+        return float(total / (t1 - t0) / 1e9)
     finally:
         proc.join(10)
         if proc.is_alive():

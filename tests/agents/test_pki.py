@@ -99,7 +99,9 @@ def test_issue_refuses_to_overwrite_without_force(ca_dir: Path) -> None:
     assert (ca_dir / "src.key").read_bytes() != before
 
 
-@pytest.mark.parametrize("name", ["", "../evil", "a/b", "a\\b", ".hidden", "ca", "x" * 65, "sp ace"])
+@pytest.mark.parametrize(
+    "name", ["", "../evil", "a/b", "a\\b", ".hidden", "ca", "x" * 65, "sp ace"]
+)
 def test_names_that_are_not_plain_file_names_are_refused(ca_dir: Path, name: str) -> None:
     with pytest.raises(pki.PKIError, match="not usable"):
         pki.issue_cert(ca_dir, name)
