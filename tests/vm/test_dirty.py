@@ -19,7 +19,9 @@ def test_regions_expand_to_sorted_pages():
 
 
 async def test_get_and_clear_reports_exactly_the_touched_pages(guests):
-    g = await guests.start(ram_size=[("a", 4 << 20), ("b", 1 << 20)], workload="idle", fill="random")
+    g = await guests.start(
+        ram_size=[("a", 4 << 20), ("b", 1 << 20)], workload="idle", fill="random"
+    )
     log = await g.start_dirty_log()
     assert all(v.size == 0 for v in log.get_and_clear().values())  # freshly protected: nothing
     touched = np.array([0, 1, 2, 77, 500, 1023])
@@ -38,7 +40,9 @@ async def test_get_and_clear_reports_exactly_the_touched_pages(guests):
 
 async def test_dirty_log_is_exact_while_the_guest_keeps_writing(guests):
     g = await guests.start(
-        ram_size=64 << 20, workload="stress:rate=24M,mode=write,record=1,burst_us=500", fill="mixed:50%"
+        ram_size=64 << 20,
+        workload="stress:rate=24M,mode=write,record=1,burst_us=500",
+        fill="mixed:50%",
     )
     log = await g.start_dirty_log()  # the guest's record restarts when protection starts
     seen = np.zeros(g.blocks[0].npages, dtype=bool)
