@@ -68,7 +68,7 @@ async def test_scan_without_write_protect_is_a_clear_error(guests):
 
     g = await guests.start(ram_size=1 << 20, workload="idle")
     m = g.mappings[0]
-    with DirtyLog(g.pid, [GuestMapping(m.name, m.addr, m.size, m.page_size)]) as log:
-        with pytest.raises(PagemapScanUnavailable, match="not registered write-protect async"):
-            log.get_and_clear()
+    log = DirtyLog(g.pid, [GuestMapping(m.name, m.addr, m.size, m.page_size)])
+    with log, pytest.raises(PagemapScanUnavailable, match="not registered write-protect async"):
+        log.get_and_clear()
     assert as_mask(np.array([1, 3]), 4).tolist() == [False, True, False, True]
