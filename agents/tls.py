@@ -20,28 +20,47 @@ itself and amortises the loop over large chunks:
 Everything runs on the trio thread: there are no worker threads, so
 cancellation is plain trio cancellation, nothing outlives its task, and a
 cancelled ``receive_*`` leaves the stream intact (bytes are only taken from
-the socket when trio says it is readable, and go straight into the BIO).
+the socket when trio says it is readable, and go straight into the BIO). A
+cancelled *send* may have put part of a record on the wire; the stream then
+refuses further sends (``trio.BrokenResourceError``), as trio's own do.
 OpenSSL releases the GIL while it encrypts, so other threads of the agent
 (pwrite, mapped-ram writers) still run during crypto.
 
+Post-handshake messages: servers send no session tickets (``num_tickets=0``)
+and OpenSSL never starts a KeyUpdate by itself, so a receiver never has to
+write. Should a peer request a KeyUpdate, the answer OpenSSL queues goes out
+with this side's next send.
+
 Measured with ``python bench/tls.py`` (1 GiB in 1 MiB writes, loopback, sender
-and receiver in two processes, 2 cores, TLS_AES_256_GCM_SHA384):
+and receiver in two processes, 2 cores shared with other work, OpenSSL 3.0,
+TLS_AES_256_GCM_SHA384; best of 2, runs on a quiet and on a busy machine):
 
-==========================================  ===========
-plain TCP (trio SocketStream)               see bench
-blocking stdlib ssl sockets (1 thread each) 1.2–1.4 GB/s
-TLSStream (MemoryBIO, large chunks)         1.1–1.3 GB/s  (~85–95 % of blocking ssl)
-TLSStream variant, crypto in to_thread      0.9–1.0 GB/s  (thread hand-off per chunk
-                                                            costs more than it overlaps)
-trio.SSLStream                              0.35–0.45 GB/s
-==========================================  ===========
+============================================  ==========  ==========
+transport                                     quiet       busy
+============================================  ==========  ==========
+plain TCP, blocking sockets                   3.9 GB/s    3.1 GB/s
+blocking stdlib ssl pair (one thread each)    1.21 GB/s   0.95 GB/s
+TLSStream (this module), send_all             1.65 GB/s   0.94 GB/s
+TLSStream, send_many(header, payload)         1.78 GB/s   0.87 GB/s
+MemoryBIO + crypto in trio.to_thread          --          0.52 GB/s (ssl pair 0.89)
+blocking ssl, one to_thread call per recv     --          0.07 GB/s
+trio.SSLStream                                0.49 GB/s   0.47 GB/s
+============================================  ==========  ==========
 
-Blocking ssl sockets driven from worker threads are a little faster still,
-but a thread blocked in ``recv`` cannot be cancelled: honouring a cancel
-scope would mean shutting the socket down under it, which breaks the stream
-(a cancelled receive must leave the stream usable) and needs a second thread
-per direction plus locking around one ``SSL*`` shared by reader and writer.
-The MemoryBIO design keeps trio's semantics for ~90 % of that speed.
+Both sides are CPU-bound (about 0.9 s of CPU per GiB each, half of it AES,
+the rest OpenSSL's record layer, BIO copies and the kernel), so on two cores
+the figure follows whatever else runs; the ratio to the blocking-ssl pair
+measured in the same run is the steadier number (75–145 % in our runs).
+
+Why not threads: handing each operation to ``trio.to_thread`` costs more
+than it overlaps (rows 5 and 6; ``SSLSocket.recv_into`` returns one 16 KiB
+record per call). Long-lived reader/writer threads around blocking ssl
+sockets match the blocking pair, but a thread blocked in ``recv`` cannot be
+cancelled: honouring a cancel scope would mean shutting the socket down
+under it, which breaks the stream (a cancelled receive must leave the stream
+usable), and one ``SSL*`` shared by a reader and a writer thread needs
+locking that Python's ssl module does not do. The MemoryBIO design is at
+least as fast here and keeps trio's semantics whole.
 
 TLS 1.3 sends the client's certificate in the client's *last* flight, so a
 client whose certificate the server refuses completes its own handshake and
