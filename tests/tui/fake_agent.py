@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import copy
 import os
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -35,8 +36,17 @@ QUERIES = frozenset({"query-guests", "query-migrate", "query-status", "query-ver
 class FakeAgent:
     """One agent's control socket with state a test writes directly."""
 
-    def __init__(self, path: str | Path, guests: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        guests: list[dict[str, Any]] | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.path = str(path)
+        self.ssl_context = ssl_context
+        """With TLS the fake listens on localhost TCP instead of ``path``."""
+        self.port = 0
         self.guests: list[dict[str, Any]] = guests if guests is not None else []
         self.migrations: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, str] = {}
@@ -70,8 +80,19 @@ class FakeAgent:
 
     # --- serving -------------------------------------------------------------
 
+    @property
+    def address(self) -> str:
+        """What to give the TUI as ``--agent``."""
+        return f"tls:localhost:{self.port}" if self.ssl_context is not None else self.path
+
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+        if self.ssl_context is None:
+            self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+            return
+        self._server = await asyncio.start_server(
+            self._serve, "localhost", self.port, ssl=self.ssl_context
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         """Close the listener and every connection (the socket file goes too)."""
@@ -79,6 +100,8 @@ class FakeAgent:
             self._server.close()
             self._server = None
         await self.drop_clients()
+        if self.ssl_context is not None:
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 

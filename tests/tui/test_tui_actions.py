@@ -1,0 +1,316 @@
+"""Every action, driven by keys against a fake agent that records what it was sent.
+
+Each test puts the fake agent's guest in a state, lets the TUI see it, presses
+the keys an admin would, and checks the exact command and arguments the agent
+received — and that keys the state table forbids send nothing at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import tui_scenarios as sc
+from fake_agent import WHEN, FakeAgent, eventually
+from textual.pilot import Pilot
+from textual.widgets import Input
+
+from protocol.states import MigrationStatus, Role, allowed_commands
+from tui.app import ACTION_COMMANDS, GodwitApp
+from tui.screens import Confirm, MigrateForm, UriPrompt
+
+pytestmark = pytest.mark.asyncio  # collected as asyncio items (strict mode needs the mark early)
+
+KEYS = {
+    "migrate": "m",
+    "postcopy": "p",
+    "pause": "z",
+    "recover": "r",
+    "resume": "r",
+    "continue": "c",
+    "cancel": "x",
+}
+
+
+@asynccontextmanager
+async def session(*fakes: FakeAgent, size: tuple[int, int] = (80, 24)) -> AsyncIterator[Pilot[Any]]:
+    """Start the fakes and the app, and wait for the app's first look at every agent."""
+    for fake in fakes:
+        await fake.start()
+    app = GodwitApp([f.address for f in fakes], clock=lambda: WHEN, backoff=(0.02, 0.1))
+    try:
+        async with app.run_test(size=size) as pilot:
+            await eventually(lambda: all(p.refreshes > 0 for p in app.panes), pause(pilot))
+            yield pilot
+    finally:
+        for fake in fakes:
+            await fake.stop()
+
+
+def pause(pilot: Pilot[Any]) -> Any:
+    return lambda: pilot.pause(0.01)
+
+
+def fake_in(role: str, status: str, info: dict[str, Any] | None = None) -> FakeAgent:
+    fake = FakeAgent("agent.sock", [sc.guest()])
+    if status != "none" or info is not None:
+        base = info if info is not None else sc.precopy(role, status)
+        fake.set_migration("vm1", {**base, "role": role, "status": status})
+    return fake
+
+
+async def wait_actions(pilot: Pilot[Any], fake: FakeAgent, n: int) -> list[tuple[str, dict]]:
+    await eventually(lambda: len(fake.actions()) >= n, pause(pilot))
+    await pilot.pause()
+    return fake.actions()
+
+
+async def test_start_migration_form_sends_capabilities_parameters_then_migrate() -> None:
+    fake = fake_in("source", "none")
+    async with session(fake) as pilot:
+        await pilot.press("m")
+        form = pilot.app.screen
+        assert isinstance(form, MigrateForm)
+        form.query_one("#uri", Input).value = "tls:dst.lab:4444"
+        form.query_one("#downtime-limit", Input).value = "300"
+        await pilot.press("tab", "tab", *"5G")  # bandwidth, typed
+        await pilot.press("tab", "4")  # multifd channels
+        await pilot.press("tab", "space")  # postcopy
+        await pilot.press("tab", "space")  # preempt
+        await pilot.press("tab", "space")  # multifd
+        await pilot.press("shift+tab", "shift+tab", "shift+tab", "enter")
+        actions = await wait_actions(pilot, fake, 3)
+    assert actions == [
+        (
+            "migrate-set-capabilities",
+            {
+                "guest": "vm1",
+                "capabilities": [
+                    {"capability": "postcopy-ram", "state": True},
+                    {"capability": "postcopy-preempt", "state": True},
+                    {"capability": "multifd", "state": True},
+                    {"capability": "auto-converge", "state": False},
+                    {"capability": "pause-before-switchover", "state": False},
+                ],
+            },
+        ),
+        (
+            "migrate-set-parameters",
+            {
+                "guest": "vm1",
+                "downtime-limit": 300,
+                "max-bandwidth": 5 << 30,
+                "multifd-channels": 4,
+            },
+        ),
+        ("migrate", {"guest": "vm1", "uri": "tls:dst.lab:4444"}),
+    ]
+
+
+async def test_migrate_form_refuses_a_bad_uri_and_sends_nothing() -> None:
+    fake = fake_in("source", "none")
+    async with session(fake) as pilot:
+        await pilot.press("m")
+        pilot.app.screen.query_one("#uri", Input).value = "dst.lab:4444"
+        await pilot.press("enter")
+        form = pilot.app.screen
+        assert isinstance(form, MigrateForm)  # still open, with the reason shown
+        assert "scheme must be one of" in str(form.query_one("#problem").render())
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(pilot.app.screen, MigrateForm)
+    assert fake.actions() == []
+
+
+async def test_migrate_without_parameters_sends_no_set_parameters() -> None:
+    fake = fake_in("source", "completed", sc.completed())
+    async with session(fake) as pilot:
+        await pilot.press("m")
+        form = pilot.app.screen
+        assert form.query_one("#uri", Input).value == "tls:dst.lab:4444"  # last URI offered
+        await pilot.press("enter")
+        actions = await wait_actions(pilot, fake, 2)
+    assert [name for name, _ in actions] == ["migrate-set-capabilities", "migrate"]
+    assert actions[1] == ("migrate", {"guest": "vm1", "uri": "tls:dst.lab:4444"})
+
+
+async def test_switch_to_postcopy() -> None:
+    fake = fake_in("source", "active")
+    async with session(fake) as pilot:
+        await pilot.press("p")
+        actions = await wait_actions(pilot, fake, 1)
+    assert actions == [("migrate-start-postcopy", {"guest": "vm1"})]
+
+
+async def test_pause_postcopy() -> None:
+    fake = fake_in("destination", "postcopy-active", sc.postcopy("destination"))
+    async with session(fake) as pilot:
+        await pilot.press("z")
+        actions = await wait_actions(pilot, fake, 1)
+    assert actions == [("migrate-pause", {"guest": "vm1"})]
+
+
+async def test_continue_from_pre_switchover() -> None:
+    fake = fake_in("source", "pre-switchover")
+    async with session(fake) as pilot:
+        await pilot.press("c")
+        actions = await wait_actions(pilot, fake, 1)
+    assert actions == [("migrate-continue", {"guest": "vm1", "state": "pre-switchover"})]
+
+
+async def test_recover_on_the_destination_asks_for_the_uri() -> None:
+    fake = fake_in("destination", "postcopy-paused", sc.paused("destination"))
+    async with session(fake) as pilot:
+        await pilot.press("r")
+        prompt = pilot.app.screen
+        assert isinstance(prompt, UriPrompt)
+        assert prompt.title_text.startswith("Recover vm1")
+        prompt.query_one(Input).value = "tls:0.0.0.0:4455"
+        await pilot.press("enter")
+        actions = await wait_actions(pilot, fake, 1)
+    assert actions == [("migrate-recover", {"guest": "vm1", "uri": "tls:0.0.0.0:4455"})]
+
+
+async def test_resume_on_the_source_is_migrate_with_resume() -> None:
+    fake = fake_in("source", "postcopy-paused", sc.paused("source"))
+    async with session(fake) as pilot:
+        await pilot.press("r")
+        prompt = pilot.app.screen
+        assert isinstance(prompt, UriPrompt)
+        assert prompt.title_text.startswith("Resume vm1")
+        assert prompt.query_one(Input).value == "tls:dst.lab:4444"  # the URI it migrated to
+        await pilot.press("enter")
+        actions = await wait_actions(pilot, fake, 1)
+    assert actions == [("migrate", {"guest": "vm1", "uri": "tls:dst.lab:4444", "resume": True})]
+
+
+async def test_cancel_needs_a_yes() -> None:
+    fake = fake_in("source", "active")
+    async with session(fake) as pilot:
+        await pilot.press("x")
+        assert isinstance(pilot.app.screen, Confirm)
+        await pilot.press("n")
+        await pilot.pause()
+        assert not isinstance(pilot.app.screen, Confirm)
+        await pilot.press("x", "escape")
+        await pilot.pause()
+        assert fake.actions() == []
+        await pilot.press("x", "y")
+        actions = await wait_actions(pilot, fake, 1)
+    assert actions == [("migrate-cancel", {"guest": "vm1"})]
+
+
+async def test_a_refusal_is_shown_in_the_agents_words() -> None:
+    fake = fake_in("source", "active")
+    fake.errors["migrate-start-postcopy"] = "postcopy-ram capability is not enabled"
+    async with session(fake) as pilot:
+        await pilot.press("p")
+        pane = pilot.app.panes[0]
+        await eventually(lambda: pane.refusal is not None, pause(pilot))
+        assert pane.refusal == (
+            "migrate-start-postcopy refused: postcopy-ram capability is not enabled"
+        )
+        assert "postcopy-ram capability is not enabled" in str(pane.query_one("ErrorLine").render())
+
+
+ALL_STATES = [(role, status) for role in Role for status in MigrationStatus]
+
+
+async def test_keys_follow_the_state_table_in_every_state() -> None:
+    """For every (role, status): the footer offers exactly what allowed_commands allows,
+    and every other action, run as its key would run it, is refused and sends nothing."""
+    fake = fake_in("source", "none")
+    async with session(fake) as pilot:
+        app = pilot.app
+        pane = app.panes[0]
+        for role, status in ALL_STATES:
+            fake.set_migration("vm1", {**sc.precopy(role.value, status.value)})
+            await fake.push_event("MIGRATION", {"guest": "vm1", "status": status.value})
+            seen = pane.refreshes
+            await eventually(lambda s=seen: pane.refreshes > s, pause(pilot))
+            assert pane.current is not None and pane.current.status == status.value
+            allowed = allowed_commands(role, status)
+            expected = {a for a, cmd in ACTION_COMMANDS.items() if cmd in allowed}
+            offered = {
+                b.binding.action
+                for b in app.screen.active_bindings.values()
+                if b.binding.action in ACTION_COMMANDS
+            }
+            assert offered == expected, (role, status)
+            for action in ACTION_COMMANDS.keys() - expected:
+                # What a key press does once the binding is found (App._check_bindings).
+                assert await app.run_action(action) is False, (role, status, action)
+            assert app.screen is app.screen_stack[0]
+        await pilot.pause(0.05)
+    assert fake.actions() == []
+
+
+@pytest.mark.parametrize("status", ["postcopy-active", "completed", "failed", "cancelled"])
+async def test_postcopy_and_cancel_keys_do_nothing_outside_their_states(status: str) -> None:
+    fake = fake_in("source", status)
+    async with session(fake) as pilot:
+        await pilot.press("p", "x", "c")
+        await pilot.pause(0.05)
+        assert pilot.app.screen is pilot.app.screen_stack[0]
+    assert fake.actions() == []
+
+
+async def test_a_state_change_while_the_prompt_is_open_stops_the_command() -> None:
+    fake = fake_in("source", "active")
+    async with session(fake) as pilot:
+        await pilot.press("x")
+        assert isinstance(pilot.app.screen, Confirm)
+        fake.set_migration("vm1", sc.postcopy())
+        await fake.push_event("MIGRATION", {"guest": "vm1", "status": "postcopy-active"})
+        pane = pilot.app.panes[0]
+        await eventually(
+            lambda: pane.current is not None and pane.current.status == "postcopy-active",
+            pause(pilot),
+        )
+        await pilot.press("y")
+        await pilot.pause(0.05)
+        assert pane.refusal == "migrate-cancel is no longer possible (postcopy-active)"
+    assert fake.actions() == []
+
+
+async def test_two_agents_side_by_side_when_wide_and_keys_act_on_the_selected_one() -> None:
+    src = FakeAgent("src.sock", [sc.guest()])
+    src.set_migration("vm1", sc.paused("source"))
+    dst = FakeAgent("dst.sock", [sc.guest(status="incoming")])
+    dst.set_migration("vm1", sc.paused("destination"))
+    async with session(src, dst, size=(160, 24)) as pilot:
+        app = pilot.app
+        assert app.side_by_side
+        assert all(p.display for p in app.panes)
+        await pilot.press("2", "r")
+        assert isinstance(app.screen, UriPrompt)
+        assert app.screen.title_text == "Recover vm1 on dst"
+        await pilot.press("enter")
+        await wait_actions(pilot, dst, 1)
+        await pilot.press("1", "r", "enter")
+        await wait_actions(pilot, src, 1)
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause()
+        assert not app.side_by_side
+        assert [p.display for p in app.panes] == [True, False]
+    assert dst.actions() == [("migrate-recover", {"guest": "vm1", "uri": "tls:dst.lab:4444"})]
+    assert src.actions() == [
+        ("migrate", {"guest": "vm1", "uri": "tls:dst.lab:4444", "resume": True})
+    ]
+
+
+async def test_next_guest_key_selects_the_other_guest() -> None:
+    fake = FakeAgent("agent.sock", [sc.guest("vm1"), sc.guest("vm2")])
+    info = sc.precopy()
+    fake.set_migration("vm2", {**info, "guest": "vm2"})
+    async with session(fake) as pilot:
+        pane = pilot.app.panes[0]
+        assert pane.selected == "vm1"
+        await pilot.press("p")  # vm1 is not migrating: nothing to switch
+        await pilot.press("g")
+        assert pane.selected == "vm2"
+        await pilot.press("p")
+        actions = await wait_actions(pilot, fake, 1)
+    assert actions == [("migrate-start-postcopy", {"guest": "vm2"})]
