@@ -18,7 +18,7 @@ import collections
 import json
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from agents.vm.errors import DeviceVersionError
@@ -57,19 +57,28 @@ class DeviceSection:
     instance: int
     version: int
     data: bytes
+    fields: list[dict[str, Any]] | None = field(default=None, compare=False)
+    """The field layout (for VMDESC); not part of the section's bytes."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "instance": self.instance,
             "version": self.version,
             "data": base64.b64encode(self.data).decode(),
         }
+        if self.fields is not None:
+            out["fields"] = self.fields
+        return out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> DeviceSection:
         return cls(
-            obj["name"], int(obj["instance"]), int(obj["version"]), base64.b64decode(obj["data"])
+            obj["name"],
+            int(obj["instance"]),
+            int(obj["version"]),
+            base64.b64decode(obj["data"]),
+            obj.get("fields"),
         )
 
 
@@ -125,7 +134,9 @@ class Device:
                 raise ValueError(
                     f"{self._where()}: field {f.name!r} ({f.type}) = {v!r}: {e}"
                 ) from e
-        return DeviceSection(self.NAME, self.instance, self.VERSION, bytes(out))
+        return DeviceSection(
+            self.NAME, self.instance, self.VERSION, bytes(out), self.describe()["fields"]
+        )
 
     def load(self, section: DeviceSection) -> None:
         where = self._where()
