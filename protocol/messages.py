@@ -37,6 +37,14 @@ ZERO 0x11           0      4     u32 BE    block
                     8      8     u64 BE    first page
 PASS_END 0x12       0      4     u32 BE    pass number
                     4      rest  JSON      stats object
+PAGE_BATCH 0x13     0      4     u32 BE    block
+                    4      4     u32 BE    n pages, > 0
+                    8      8n    u64 LE    page indices (any order, no repeats)
+                    8+8n   rest  bytes     n pages of equal, power-of-two size,
+                                           in the order of the indices
+ZERO_BATCH 0x14     0      4     u32 BE    block
+                    4      4     u32 BE    n pages, > 0
+                    8      8n    u64 LE    page indices of pages that are zero
 POSTCOPY_ADVISE     0      4     u32 BE    n, number of ramblocks
 0x20                4      4     u32       reserved, zero
                     8      8n    u64 BE    page size of each ramblock, in order
@@ -103,6 +111,7 @@ __all__ = [
     "Hello",
     "Message",
     "Pages",
+    "PageBatch",
     "PassEnd",
     "Ping",
     "Pong",
@@ -120,6 +129,7 @@ __all__ = [
     "SwitchoverStart",
     "Vmdesc",
     "Zero",
+    "ZeroBatch",
     "check_version",
     "decode_message",
     "negotiate_capabilities",
@@ -615,6 +625,114 @@ class PassEnd(Message):
         _need(payload, 4, "the pass number")
         (pass_no,) = _U32_HEAD.unpack_from(payload)
         return cls(pass_no, _json_object(payload[4:], "stats"))
+
+
+_BATCH = struct.Struct(">II")
+
+
+def _page_indices(pages: Any, what: str) -> npt.NDArray[np.uint64]:
+    arr = np.asarray(pages)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(
+            f"{what} needs a non-empty 1-d array of page indices, not shape {arr.shape}"
+        )
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what} page indices must be integers, not {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.signedinteger) and (arr < 0).any():
+        raise ValueError(f"{what} page indices must not be negative")
+    _uint("page count", arr.size, _U32)
+    out: npt.NDArray[np.uint64] = arr.astype(np.uint64, copy=False)
+    return out
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PageBatch(Message):
+    """Scattered pages of one ramblock in one frame (like a multifd packet's page list).
+
+    Dirty passes find pages all over RAM; one frame per page would cost a
+    Python iteration and a frame header per 4 KiB.  ``data`` holds the pages
+    in the order of ``pages`` (gathered by the sender with one numpy take).
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.PAGE_BATCH
+    block: int
+    pages: npt.NDArray[np.uint64]
+    data: bytes | memoryview
+
+    def __post_init__(self) -> None:
+        _uint("block", self.block, _U32)
+        object.__setattr__(self, "pages", _page_indices(self.pages, "PAGE_BATCH"))
+        n = _nbytes(self.data)
+        count = self.pages.size
+        if n == 0 or n % count:
+            raise ValueError(f"{n} data bytes are not {count} pages of equal size")
+        _power_of_two("page size", n // count)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PageBatch):
+            return NotImplemented
+        return (
+            self.block == other.block
+            and bool(np.array_equal(self.pages, other.pages))
+            and bytes(self.data) == bytes(other.data)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def page_size(self) -> int:
+        return _nbytes(self.data) // self.pages.size
+
+    def payload_parts(self) -> list[Part]:
+        index: Any = np.ascontiguousarray(self.pages, dtype=_LE64)
+        data = self.data
+        if isinstance(data, memoryview) and (data.ndim != 1 or data.itemsize != 1):
+            data = data.cast("B")
+        return [_BATCH.pack(self.block, self.pages.size), memoryview(index).cast("B"), data]
+
+    @classmethod
+    def decode_payload(cls, payload: memoryview) -> Self:
+        _need(payload, _BATCH.size, "the PAGE_BATCH header")
+        block, n = _BATCH.unpack_from(payload)
+        if n == 0:
+            raise _Bad("PAGE_BATCH with no pages")
+        _need(payload, _BATCH.size + 8 * n, "the PAGE_BATCH page indices")
+        pages = np.frombuffer(payload, dtype=_LE64, count=n, offset=_BATCH.size)
+        return cls(block, pages.astype(np.uint64, copy=False), payload[_BATCH.size + 8 * n :])
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ZeroBatch(Message):
+    """Scattered zero pages of one ramblock (sent instead of their data)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.ZERO_BATCH
+    block: int
+    pages: npt.NDArray[np.uint64]
+
+    def __post_init__(self) -> None:
+        _uint("block", self.block, _U32)
+        object.__setattr__(self, "pages", _page_indices(self.pages, "ZERO_BATCH"))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ZeroBatch):
+            return NotImplemented
+        return self.block == other.block and bool(np.array_equal(self.pages, other.pages))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def payload_parts(self) -> list[Part]:
+        index: Any = np.ascontiguousarray(self.pages, dtype=_LE64)
+        return [_BATCH.pack(self.block, self.pages.size), memoryview(index).cast("B")]
+
+    @classmethod
+    def decode_payload(cls, payload: memoryview) -> Self:
+        _need(payload, _BATCH.size, "the ZERO_BATCH header")
+        block, n = _BATCH.unpack_from(payload)
+        if n == 0:
+            raise _Bad("ZERO_BATCH with no pages")
+        _exact(payload, _BATCH.size + 8 * n)
+        pages = np.frombuffer(payload, dtype=_LE64, count=n, offset=_BATCH.size)
+        return cls(block, pages.astype(np.uint64, copy=False))
 
 
 # --- switchover and postcopy commands -------------------------------------------
