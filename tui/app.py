@@ -60,6 +60,15 @@ def agent_label(spec: str, index: int) -> tuple[str, str]:
     return stem or f"agent{index + 1}", address
 
 
+class PaneRow(Horizontal):
+    """The row of agent panes; its width decides between side by side and one at a time."""
+
+    def on_resize(self) -> None:
+        app = self.app
+        if isinstance(app, GodwitApp):
+            app.arrange_panes()
+
+
 class AgentBar(Static):
     """Which agents there are and which one the keys act on (when not all are visible)."""
 
@@ -129,18 +138,18 @@ class GodwitApp(App[int]):
                 )
             )
         self.current_index = 0
+        # Held, not queried: while a modal screen is up, queries see only the modal.
+        self.agent_bar = AgentBar()
+        self.pane_row = PaneRow(id="panes")
 
     def compose(self) -> ComposeResult:
-        yield AgentBar()
-        with Horizontal(id="panes"):
+        yield self.agent_bar
+        with self.pane_row:
             yield from self.panes
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        self._layout()
-
-    def on_resize(self) -> None:
-        self._layout()
+        self.arrange_panes()
 
     @property
     def current(self) -> AgentPane:
@@ -148,15 +157,16 @@ class GodwitApp(App[int]):
 
     @property
     def side_by_side(self) -> bool:
-        return len(self.panes) > 1 and self.size.width >= PANE_MIN_WIDTH * len(self.panes)
+        width = self.pane_row.size.width or self.size.width
+        return len(self.panes) > 1 and width >= PANE_MIN_WIDTH * len(self.panes)
 
-    def _layout(self) -> None:
+    def arrange_panes(self) -> None:
         side = self.side_by_side
         for i, pane in enumerate(self.panes):
             pane.display = side or i == self.current_index
             pane.set_class(side and i > 0, "-side-right")
             pane.set_class(i == self.current_index and len(self.panes) > 1, "-current")
-        bar = self.query_one(AgentBar)
+        bar = self.agent_bar
         bar.display = len(self.panes) > 1 and not side
         bar.update(self._bar_text())
         self.refresh_bindings()
@@ -175,7 +185,7 @@ class GodwitApp(App[int]):
 
     def on_agent_pane_changed(self, message: AgentPane.Changed) -> None:
         message.stop()
-        self.query_one(AgentBar).update(self._bar_text())
+        self.agent_bar.update(self._bar_text())
         self.refresh_bindings()
 
     # --- which keys are live -------------------------------------------------
@@ -204,7 +214,7 @@ class GodwitApp(App[int]):
     def action_select_agent(self, index: int) -> None:
         if 0 <= index < len(self.panes):
             self.current_index = index
-            self._layout()
+            self.arrange_panes()
 
     def action_next_agent(self) -> None:
         self.action_select_agent((self.current_index + 1) % len(self.panes))

@@ -26,6 +26,9 @@ from typing import Any
 from protocol.control import Event
 from protocol.states import MigrationStatus, Role, allowed_commands
 
+MAX_BUCKETS = 40
+"""Latency buckets kept: 2^40 µs is twelve days, past any fault worth drawing."""
+
 HISTORY = 120
 """Samples kept for the sparklines: a minute at the agents' two a second."""
 
@@ -233,7 +236,9 @@ def parse_migration_info(value: Any) -> MigrationInfo | None:
         postcopy_blocktime=_num(value, "postcopy-blocktime"),
         postcopy_vcpu_blocktime=_numbers(value, "postcopy-vcpu-blocktime"),
         postcopy_latency_ns=_num(value, "postcopy-latency"),
-        postcopy_latency_dist=tuple(int(v) for v in _numbers(value, "postcopy-latency-dist")),
+        postcopy_latency_dist=tuple(
+            int(v) for v in _numbers(value, "postcopy-latency-dist")[:MAX_BUCKETS]
+        ),
         channels=tuple(channels),
     )
 

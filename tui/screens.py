@@ -3,7 +3,8 @@
 Each is driven from the keyboard alone (tab between fields, space toggles,
 enter submits, escape closes) and fits an 80×24 terminal.  They validate
 what they can locally — a URI that does not parse, a size that is not one —
-so the agent is only asked things that could succeed; whether the migration
+so the agent is only asked things that could succeed (names and texts that come
+from an agent are shown as plain Text, never parsed as markup); whether the migration
 state still allows the command is checked again when the answer comes back.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
@@ -87,7 +89,7 @@ class MigrateForm(ModalScreen[MigrateRequest | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Static(f"Migrate {self.guest} from {self.agent}", classes="title")
+            yield Static(Text(f"Migrate {self.guest} from {self.agent}"), classes="title")
             with Grid():
                 yield Label("destination URI")
                 yield Input(self.initial_uri, placeholder="tls:HOST:PORT", id="uri")
@@ -124,7 +126,7 @@ class MigrateForm(ModalScreen[MigrateRequest | None]):
             self.dismiss(None)
 
     def _problem(self, text: str) -> None:
-        self.query_one("#problem", Static).update(text)
+        self.query_one("#problem", Static).update(Text(text))
 
     def _submit(self) -> None:
         uri = self.query_one("#uri", Input).value.strip()
@@ -170,8 +172,8 @@ class UriPrompt(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Static(self.title_text, classes="title")
-            yield Static(self.explanation, classes="hint")
+            yield Static(Text(self.title_text), classes="title")
+            yield Static(Text(self.explanation), classes="hint")
             yield Input(self.initial_uri, placeholder="tls:HOST:PORT", id="uri")
             yield Static("", classes="problem", id="problem")
             yield Static("enter send · esc close", classes="hint")
@@ -187,7 +189,7 @@ class UriPrompt(ModalScreen[str | None]):
         uri = event.value.strip()
         problem = _check_uri(uri) if uri else "a URI is needed (tls:HOST:PORT)"
         if problem:
-            self.query_one("#problem", Static).update(problem)
+            self.query_one("#problem", Static).update(Text(problem))
             return
         self.dismiss(uri)
 
@@ -209,9 +211,9 @@ class Confirm(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Static(self.question, classes="title")
+            yield Static(Text(self.question), classes="title")
             if self.detail:
-                yield Static(self.detail, classes="hint")
+                yield Static(Text(self.detail), classes="hint")
             yield Static("y yes · n no", classes="hint")
 
     def action_answer(self, yes: bool) -> None:

@@ -45,7 +45,7 @@ class ChannelTable(Static):
         table.add_column("last", justify="right", no_wrap=True)
         for ch in info.channels:
             table.add_row(
-                ch.name,
+                Text(ch.name),  # the agent's string: plain text, not markup
                 _link(ch),
                 fmt.size(ch.bytes_sent),
                 fmt.size(ch.bytes_received),

@@ -108,5 +108,5 @@ class ErrorLine(Static):
             lines.append(f"error: {info.error_desc}")
         if refusal:
             lines.append(refusal)
-        self.update("\n".join(lines))
+        self.update(Text("\n".join(lines)))  # agent text: never markup
         self.display = bool(lines)
