@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctl", type=int, required=True)
     p.add_argument("--config", required=True)
     args = p.parse_args(argv)
-    sys.setswitchinterval(0.0005)  # the control thread must get the GIL back quickly
+    sys.setswitchinterval(0.0002)  # the control thread must get the GIL back quickly
     sock = socket.socket(fileno=args.ctl)
     config = json.loads(args.config)
     try:
