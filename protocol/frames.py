@@ -186,6 +186,7 @@ class FrameDecoder:
         self._scratch: memoryview | None = None
         self._lent: memoryview | None = None
         self._lent_direct = False
+        self._last_large = False
 
     # -- configuration ----------------------------------------------------
 
@@ -219,8 +220,11 @@ class FrameDecoder:
         """Memory for the next read; call :meth:`buffer_updated` with the bytes written.
 
         While a large payload is missing this is the payload buffer itself
-        (the receive path writes page data to its final place); otherwise a
-        staging buffer of at least ``sizehint`` bytes (default 256 KiB).
+        (the receive path writes page data to its final place).  Right after a
+        large frame it is room for just the next header, so that the next
+        large payload goes straight to frame memory too.  Otherwise it is a
+        staging buffer of at least ``sizehint`` bytes (default 256 KiB),
+        which suits a run of small frames.
         """
         if self._error is not None:
             raise self._error
@@ -231,6 +235,11 @@ class FrameDecoder:
         size = max(sizehint, SCRATCH_SIZE)
         if self._scratch is None or len(self._scratch) < size:
             self._scratch = memoryview(bytearray(size))
+        if self._payload is None and self._last_large:
+            # After a large frame, expect another: read just its header so its
+            # payload can go straight to frame memory (one extra short read
+            # when a small frame follows, after which staging resumes).
+            size = HEADER_SIZE - self._header_fill
         self._lent = self._scratch[:size]
         self._lent_direct = False
         return self._lent
@@ -356,8 +365,10 @@ class FrameDecoder:
         self._frame_offset = offset
         if length == 0:
             self._ready.append(Frame(self._type, flags, _EMPTY, offset))
+            self._last_large = False
             return True
         self._payload = _allocate(length)
+        self._last_large = length >= DIRECT_THRESHOLD
         self.largest_allocation = max(self.largest_allocation, length)
         self._fill = 0
         return True

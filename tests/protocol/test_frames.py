@@ -333,3 +333,24 @@ def test_fuzz_valid_and_mutated_streams_split_anywhere(
 def test_fuzz_random_bytes(data: bytes, cuts: list[int]) -> None:
     got, _ = run_decoder(split(data, cuts), use_buffer=False)
     assert all(len(f.payload) <= MAX for f in got)
+
+
+def test_after_a_large_frame_only_the_next_header_is_staged() -> None:
+    big = bytes(range(256)) * 512  # 128 KiB
+    dec = FrameDecoder()
+
+    def read(data: bytes) -> int:
+        buf = dec.get_buffer(64 << 10)
+        buf[: len(data)] = data
+        dec.buffer_updated(len(data))
+        return len(buf)
+
+    assert read(encode_header(FrameType.PAGES, len(big))) >= 256 << 10  # staging
+    assert read(big) == len(big)  # the whole payload, straight into frame memory
+    assert read(encode_header(FrameType.PAGES, len(big))) == HEADER_SIZE  # only a header
+    assert read(big) == len(big)
+    assert read(frame_bytes(FrameType.PING, bytes(16))[:8]) == HEADER_SIZE
+    assert read(bytes(16)) >= 256 << 10  # small payloads are staged
+    frames = list(dec.frames())
+    assert [f.type for f in frames] == [FrameType.PAGES, FrameType.PAGES, FrameType.PING]
+    assert all(bytes(f.payload) == big for f in frames[:2])
