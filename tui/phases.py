@@ -34,7 +34,7 @@ PHASE_HINT: dict[str, str] = {
     "device": "switchover",
     "postcopy-device": "switchover to postcopy",
     "postcopy-active": "postcopy",
-    "postcopy-paused": "link lost: recover, then resume",
+    "postcopy-paused": "link lost",
     "postcopy-recover-setup": "reconnecting",
     "postcopy-recover": "recovering",
     "completed": "done",
@@ -42,6 +42,12 @@ PHASE_HINT: dict[str, str] = {
     "cancelling": "cancelling",
     "cancelled": "cancelled",
 }
+
+PAUSED_HINT: dict[str, str] = {
+    "destination": "link lost: r to recover here",
+    "source": "link lost: recover dst, r resume",
+}
+"""The one action that matters when paused, said on the side that must take it."""
 
 
 def phase_style(status: str | None) -> Style:

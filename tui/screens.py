@@ -51,11 +51,9 @@ _MODAL_CSS = """
 {name} .title {{ text-style: bold; width: 100%; }}
 {name} .hint {{ color: $text-muted; width: 100%; }}
 {name} .problem {{ color: $text-error; width: 100%; height: auto; }}
-{name} Input {{ border: none; height: 1; padding: 0 1; background: $boost; }}
-{name} Input:focus {{ background: $accent 30%; }}
 {name} Checkbox {{ border: none; height: 1; padding: 0; background: transparent; }}
 {name} Checkbox:focus {{ background: $accent 30%; }}
-{name} Button {{ border: none; height: 1; min-width: 10; margin: 0 1 0 0; }}
+{name} Button {{ margin: 0 1 0 0; }}
 """
 
 
@@ -75,7 +73,7 @@ class MigrateForm(ModalScreen[MigrateRequest | None]):
         + """
     MigrateForm Grid { grid-size: 2; grid-columns: 20 1fr; height: auto; grid-gutter: 0 1; }
     MigrateForm Grid Label { height: 1; }
-    MigrateForm #caps { height: auto; margin: 1 0; }
+    MigrateForm #caps { height: auto; margin: 1 0 0 0; }
     MigrateForm #buttons { height: 1; margin-top: 1; }
     """
     )
@@ -92,20 +90,20 @@ class MigrateForm(ModalScreen[MigrateRequest | None]):
             yield Static(Text(f"Migrate {self.guest} from {self.agent}"), classes="title")
             with Grid():
                 yield Label("destination URI")
-                yield Input(self.initial_uri, placeholder="tls:HOST:PORT", id="uri")
+                yield Input(self.initial_uri, placeholder="tls:HOST:PORT", id="uri", compact=True)
                 yield Label("downtime limit (ms)")
-                yield Input(placeholder="agent default", id="downtime-limit")
+                yield Input(placeholder="agent default", id="downtime-limit", compact=True)
                 yield Label("bandwidth (bytes/s)")
-                yield Input(placeholder="unlimited; e.g. 500M", id="max-bandwidth")
+                yield Input(placeholder="unlimited; e.g. 500M", id="max-bandwidth", compact=True)
                 yield Label("multifd channels")
-                yield Input(placeholder="agent default", id="multifd-channels")
+                yield Input(placeholder="agent default", id="multifd-channels", compact=True)
             with Vertical(id="caps"):
                 for name, label in CAPABILITIES:
                     yield Checkbox(label, id=name)
             yield Static("", classes="problem", id="problem")
             with Horizontal(id="buttons"):
-                yield Button("Start", variant="primary", id="start")
-                yield Button("Close", id="close")
+                yield Button("Start", variant="primary", id="start", compact=True)
+                yield Button("Close", id="close", compact=True)
             yield Static("tab next · space toggle · enter start · esc close", classes="hint")
 
     def on_mount(self) -> None:
@@ -174,7 +172,7 @@ class UriPrompt(ModalScreen[str | None]):
         with Vertical():
             yield Static(Text(self.title_text), classes="title")
             yield Static(Text(self.explanation), classes="hint")
-            yield Input(self.initial_uri, placeholder="tls:HOST:PORT", id="uri")
+            yield Input(self.initial_uri, placeholder="tls:HOST:PORT", id="uri", compact=True)
             yield Static("", classes="problem", id="problem")
             yield Static("enter send · esc close", classes="hint")
 

@@ -23,7 +23,9 @@ class EventLog(Widget):
     agree on when something happened even if the TUI was late to hear it.
     """
 
-    DEFAULT_CSS = "EventLog { height: 1fr; width: 1fr; }"
+    DEFAULT_CSS = (
+        "EventLog { height: 1fr; width: 1fr; text-wrap: nowrap; text-overflow: ellipsis; }"
+    )
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)

@@ -7,7 +7,7 @@ from textual.widgets import Static
 
 from tui import formatting as fmt
 from tui.model import GuestState
-from tui.phases import PHASE_HINT, phase_text
+from tui.phases import PAUSED_HINT, PHASE_HINT, phase_text
 
 
 class GuestLine(Static):
@@ -57,6 +57,8 @@ class StatusLine(Static):
             parts.append(("  time ", "dim"))
             parts.append(fmt.millis(info.total_time))
         hint = PHASE_HINT.get(status)
+        if status == "postcopy-paused" and pair is not None:
+            hint = PAUSED_HINT[pair[0].value]
         if hint and hint != status:
             parts.append((f"  {hint}", "italic dim"))
         text = Text.assemble(*parts)
@@ -80,8 +82,10 @@ class DowntimeLine(Static):
             parts += [(fmt.millis(info.downtime), "bold"), (" measured", "dim")]
             if info.expected_downtime is not None:
                 parts += [("  (expected ", "dim"), fmt.millis(info.expected_downtime), (")", "dim")]
-        else:
+        elif info.expected_downtime is not None:
             parts += [fmt.millis(info.expected_downtime), (" expected", "dim")]
+        else:
+            parts.append((fmt.DASH, "dim"))
         if info.setup_time is not None:
             parts += [("  setup ", "dim"), fmt.millis(info.setup_time)]
         if info.cpu_throttle_percentage:
