@@ -200,6 +200,8 @@ def _json_object(data: memoryview, what: str) -> dict[str, Any]:
         value = json.loads(text, parse_constant=_no_constants)
     except ValueError as exc:
         raise _Bad(f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise _Bad(f"{what} is nested too deeply") from None
     if not isinstance(value, dict):
         raise _Bad(f"{what} must be a JSON object, not {type(value).__name__}")
     return value

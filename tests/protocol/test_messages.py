@@ -221,6 +221,7 @@ GOOD_BITMAP = RecvBitmap(0, bitmap_with(70, [1, 69])).to_bytes()[8:]
             "not a multiple",
         ),
         (FrameType.VMDESC, b"\xff", "not valid UTF-8"),
+        (FrameType.VMDESC, b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
         (FrameType.PASS_END, b"\x00\x00\x00\x01[1]", "must be a JSON object"),
         (FrameType.DISCARD, struct.pack(">II", 0, 0), "no ranges"),
         (FrameType.DISCARD, struct.pack(">II", 0, 2) + bytes(16), "needs 40"),
