@@ -93,6 +93,11 @@ CAPABILITIES: dict[str, CapabilitySpec] = {
     "suppress-vmdesc": CapabilitySpec(
         False, "godwit: do not send the VMDESC JSON at the end of precopy."
     ),
+    "x-switchover-digest": CapabilitySpec(
+        False,
+        "godwit, for verification: after the destination confirms, digest the source's "
+        "(stopped) RAM and report it as query-migrate's switchover-digest before releasing it.",
+    ),
 }
 """Every capability godwit implements, by QEMU name."""
 

@@ -143,8 +143,15 @@ COMMANDS: dict[str, CommandSpec] = {
             "Prepare to receive a guest (the agent's listener already accepts).",
             (
                 Arg("uri", STR, "tls:HOST:PORT to listen on, or 'defer' for the agent's listener"),
+                Arg(
+                    "autostart",
+                    BOOL,
+                    "run incoming guests once they arrive (default true); false leaves them "
+                    "paused for inspection, like QEMU's -S",
+                ),
                 GUEST,
             ),
+            returns="{port}",
         ),
         CommandSpec(
             "migrate-cancel",
@@ -187,7 +194,11 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec(
             "guest-verify",
             "Check a guest's memory (vCPUs are paused for the check).",
-            (GUEST, Arg("method", STR, "counter | digest", choices=("counter", "digest"))),
+            (
+                GUEST,
+                Arg("method", STR, "counter | digest", choices=("counter", "digest")),
+                Arg("expect", STR, "with digest: the digest the RAM must have (switchover-digest)"),
+            ),
             returns="{verified, method, detail, digest}",
         ),
         CommandSpec("query-guests", "Every guest on this agent.", returns="[GuestInfo]"),
