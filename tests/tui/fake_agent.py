@@ -51,6 +51,8 @@ class FakeAgent:
         self.migrations: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, str] = {}
         """Command name → the desc of the error it is answered with."""
+        self.hang_up_on: set[str] = set()
+        """Commands taken and then answered by closing the connection."""
         self.answers: dict[str, Any] = {}
         """Command name → a raw value to return instead of the usual answer."""
         self.received: list[tuple[str, dict[str, Any]]] = []
@@ -138,6 +140,8 @@ class FakeAgent:
                     self._servers[writer] = conn
                 while (cmd := conn.next_event()) is not None:
                     self.received.append((cmd.name, copy.deepcopy(cmd.arguments)))
+                    if cmd.name in self.hang_up_on:
+                        return
                     writer.write(self._answer(conn, cmd.name, cmd.arguments, cmd.id))
                 await writer.drain()
         except (ConnectionError, OSError):

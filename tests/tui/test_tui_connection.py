@@ -70,16 +70,7 @@ async def test_a_command_pending_when_the_agent_dies_fails_at_once() -> None:
         pane = app.panes[0]
         wait = lambda: pilot.pause(0.01)  # noqa: E731
         await eventually(lambda: pane.refreshes > 0, wait)
-        fake.errors.clear()
-        # The agent takes the command and vanishes before answering.
-        original = fake._answer
-
-        def die(conn, name, args, ident):  # type: ignore[no-untyped-def]
-            if name == "migrate-start-postcopy":
-                raise ConnectionResetError
-            return original(conn, name, args, ident)
-
-        fake._answer = die  # type: ignore[method-assign]
+        fake.hang_up_on.add("migrate-start-postcopy")  # takes it, dies before answering
         await pilot.press("p")
         await eventually(lambda: pane.refusal is not None, wait)
         assert pane.refusal is not None

@@ -14,6 +14,7 @@ take, so what they draw does not depend on how often anyone polled.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -84,7 +85,7 @@ class AgentPane(Vertical):
         agent_name: str,
         address: AgentAddress,
         *,
-        ssl_context: Any = None,
+        ssl_context: ssl.SSLContext | None = None,
         clock: Clock = time.time,
         poll_interval: float = 2.0,
         backoff: tuple[float, float] = (0.2, 5.0),
@@ -229,7 +230,10 @@ class AgentPane(Vertical):
                 pass
             self._wake.clear()
             if self.client.connected:
-                await self._refresh()
+                try:
+                    await self._refresh()
+                except Exception as exc:  # a bug here must not take the whole monitor down
+                    self._note(f"refresh failed: {exc!r}", "error")
 
     async def _refresh(self) -> None:
         try:
