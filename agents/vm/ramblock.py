@@ -121,7 +121,12 @@ class RamBlock:
         return self.view[first * ps : (first + count) * ps]
 
     def write_pages(self, first: int, data: object) -> None:
-        """Store whole pages at ``first`` into the memfd (never through a uffd-registered mapping)."""
+        """Store whole pages at ``first`` into the memfd (never through a uffd-registered mapping).
+
+        In postcopy a vCPU may already sleep on one of these pages: a pwrite
+        does not wake it, so follow with ``UffdPlacer.wake`` (or use
+        ``UffdPlacer.copy``, which places and wakes in one call).
+        """
         src = memoryview(data).cast("B")  # type: ignore[arg-type]
         ps = self.page_size
         if len(src) % ps:
