@@ -58,6 +58,9 @@ class Channel:
         self._send_lock = trio.StrictFIFOLock()
         self._receive_into = hasattr(stream, "receive_into")
         self.closed = False
+        self.closed_event = trio.Event()
+        """Set by aclose: whoever accepted the connection waits for it (trio closes a
+        listener's stream when its handler returns)."""
 
     async def send(self, message: Message) -> int:
         """Send one message; returns the bytes written (header included)."""
@@ -113,6 +116,7 @@ class Channel:
         if self.closed:
             return
         self.closed = True
+        self.closed_event.set()
         self.stats.connected = False
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             try:

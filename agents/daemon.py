@@ -117,7 +117,7 @@ class GuestEntry:
     migration: OutgoingMigration | IncomingMigration | None = None
 
     def describe_for_destination(self) -> dict[str, Any]:
-        return self.spec.to_dict()
+        return self.spec.to_json()
 
     async def release_after_migration(self) -> None:
         """The destination runs the guest now: end our copy, keep the record."""
@@ -129,7 +129,7 @@ class GuestEntry:
         g = self.guest
         out: dict[str, Any] = {
             "name": self.name,
-            "memory": sum(b.size for b in g.blocks) if g and g.blocks else self.spec.memory,
+            "memory": sum(size for _, size in self.spec.layout()),
             "page-size": g.blocks[0].page_size if g and g.blocks else 4096,
             "workload": self.spec.workload,
             "status": self.status,
@@ -153,6 +153,8 @@ class Agent:
         self.guests: dict[str, GuestEntry] = {}
         self.incoming: dict[bytes, IncomingMigration] = {}
         self.listen_port: int | None = None
+        self.incoming_autostart = True
+        """migrate-incoming autostart=false leaves arriving guests paused (QEMU's -S)."""
         self.control_tls_port: int | None = None
         self._nursery: trio.Nursery | None = None
         self.control = ControlServer(self._handlers(), self.events, self._qmp_version())
@@ -199,9 +201,6 @@ class Agent:
             for entry in list(self.guests.values()):
                 if entry.migration is not None:
                     await entry.migration.done.wait()
-        for entry in self.guests.values():
-            if entry.guest is not None:
-                entry.guest.detach()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -228,7 +227,7 @@ class Agent:
     async def create_incoming_guest(
         self, incoming: IncomingMigration, config: Config
     ) -> GuestEntry:
-        spec = GuestSpec.from_dict(config.guest)
+        spec = GuestSpec.from_json(config.guest)
         existing = self.guests.get(spec.name)
         if existing is not None and existing.status not in ("migrated", "exited"):
             raise ValueError(f"a guest named '{spec.name}' already exists on {self.config.name}")
@@ -324,7 +323,7 @@ class Agent:
 
     async def qmp_query_status(self, args: dict[str, Any]) -> Any:
         entry = self.entry(args)
-        running = entry.guest is not None and entry.guest.running
+        running = entry.guest is not None and entry.guest.state == "running"
         status = (
             "running"
             if running
@@ -338,13 +337,15 @@ class Agent:
             raise QmpError(f"a guest named '{name}' already exists on agent {self.config.name}")
         spec = GuestSpec(
             name=name,
-            memory=args.get("memory", 256 << 20),
+            ram_size=args.get("memory", 256 << 20),
             workload=args.get("workload", "counter"),
             fill=args.get("fill", "random"),
             seed=args.get("seed", 1),
             hugetlb=args.get("hugetlb", False),
         )
-        guest = await Guest.start(spec, paused=args.get("paused", False))
+        guest = await Guest.start(spec)
+        if args.get("paused"):
+            await guest.stop()
         entry = GuestEntry(name, spec, guest, status="paused" if args.get("paused") else "running")
         self.guests[name] = entry
         self.events.emit("GUEST_STARTED", {"guest": name})
@@ -387,11 +388,11 @@ class Agent:
             raise QmpError(
                 f"the counter check needs the counter workload; guest '{entry.name}' runs {entry.spec.workload}"
             )
-        was_running = guest.running
+        was_running = guest.state == "running"
         if was_running:
             await guest.stop()
         try:
-            return await verify.verify_guest(guest, method)
+            return await verify_guest(guest, method, args.get("expect"))
         finally:
             if was_running:
                 await guest.cont()
@@ -472,6 +473,10 @@ class Agent:
             raise QmpError(
                 "this agent has no migration listener (start it with --listen HOST:PORT)"
             )
+        if args.get("uri", "defer") != "defer":
+            raise QmpError("migrate-incoming: godwit agents accept on their --listen address; use 'defer'")
+        if "autostart" in args:
+            self.incoming_autostart = bool(args["autostart"])
         return {"port": self.listen_port}
 
     async def qmp_migrate_cancel(self, args: dict[str, Any]) -> Any:
@@ -495,6 +500,38 @@ class Agent:
         assert isinstance(entry.migration, OutgoingMigration)
         entry.migration.migrate_continue()
         return {}
+
+
+async def ram_digest(guest: Guest) -> str:
+    """SHA-256 over every RAM block in order (digests of the blocks, hashed together)."""
+    import hashlib
+
+    digests = await trio.to_thread.run_sync(lambda: [verify.ram_digest(b)[0] for b in guest.blocks])
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+async def verify_guest(guest: Guest, method: str, expect: str | None = None) -> dict[str, Any]:
+    """The counter check (QEMU's migration-test) or a RAM digest, with vCPUs stopped."""
+    if method == "counter":
+        stats = await guest.stats()
+        state = stats.get("counter")
+        results = [verify.counter_check(b, state) for b in guest.blocks]
+        return {
+            "verified": all(r.ok for r in results),
+            "method": "counter",
+            "detail": "; ".join(r.explanation for r in results),
+        }
+    digest = await ram_digest(guest)
+    out: dict[str, Any] = {"method": "digest", "digest": digest}
+    if expect is None:
+        out["verified"] = None
+        out["detail"] = "digest taken; pass 'expect' to compare it"
+    else:
+        out["verified"] = digest == expect
+        out["detail"] = "RAM digest matches" if digest == expect else f"RAM digest {digest} != expected {expect}"
+    return out
 
 
 def configure_logging(level: str = "info") -> None:

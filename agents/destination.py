@@ -168,10 +168,13 @@ class IncomingMigration:
             savevm.check_vmdesc(self.vmdesc, self.entry.guest.blocks, self.sections)
         guest = self.entry.guest
         await guest.load_devices(self.sections)
-        await guest.cont()
-        self.guest_running = True
-        self.entry.status = "running"
-        self.agent.events.emit("RESUME", {"guest": self.entry.name})
+        self.guest_running = True  # from here on the guest is ours to keep, running or not
+        if self.agent.incoming_autostart:
+            await guest.cont()
+            self.entry.status = "running"
+            self.agent.events.emit("RESUME", {"guest": self.entry.name})
+        else:
+            self.entry.status = "paused"
         await self.ret.send(Shut("completed"))
         self.state.ram.remaining = 0
         self.state.set_status(S.COMPLETED)

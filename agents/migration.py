@@ -150,6 +150,7 @@ class MigrationState:
         self.expected_downtime_ms: float | None = None
         self.throttle_percent = 0
         self.pauses = 0
+        self.switchover_digest: str | None = None
         self.recoveries = 0
         self.ram = RamStats()
         self.postcopy = PostcopyStats()
@@ -210,5 +211,7 @@ class MigrationState:
             out.update(self.postcopy.info())
             out["pauses"] = self.pauses
             out["recoveries"] = self.recoveries
+        if self.switchover_digest:
+            out["switchover-digest"] = self.switchover_digest
         out["channels"] = [c.info() for c in self.channels.values()]
         return out

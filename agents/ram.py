@@ -39,6 +39,9 @@ BATCH_PAGES = 256
 """Pages per frame: 1 MiB of 4 KiB pages — large enough for TLS and syscall
 efficiency, small enough that a postcopy request waits behind at most one."""
 
+MAX_RUNS_PER_BATCH = 4
+"""More zero/data runs than this in one batch and it is sent gathered instead."""
+
 SendFn = Callable[[object], Awaitable[int]]
 
 
@@ -98,6 +101,24 @@ def _mask_runs(mask: np.ndarray) -> list[tuple[int, int, bool]]:
     return [(int(s), int(e - s), bool(mask[s])) for s, e in zip(starts, ends, strict=True)]
 
 
+def index_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of consecutive page numbers in an index array: (first page, length, position)."""
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    positions = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((positions, [len(pages)])))
+    return pages[positions], lengths, positions
+
+
+def write_scattered(block: RamBlock, pages: np.ndarray, data: np.ndarray) -> None:
+    """pwrite each run of consecutive pages: a fresh memfd fills ~2x faster through
+    pwrite than through page faults on a mapping, and a run is one syscall."""
+    ps = block.page_size
+    firsts, lengths, positions = index_runs(pages)
+    view = memoryview(data)
+    for first, length, pos in zip(firsts.tolist(), lengths.tolist(), positions.tolist(), strict=True):
+        block.write_pages(first, view[pos * ps : (pos + length) * ps])
+
+
 class RamSender:
     """The source's view of what the destination still needs, and how to send it."""
 
@@ -151,7 +172,7 @@ class RamSender:
         for index, bitmap in enumerate(self.to_send):
             if not bitmap.any():
                 continue
-            pages = np.flatnonzero(bitmap.to_bool()).astype(np.uint64)
+            pages = bitmap.indices().astype(np.uint64)
             if max_pages is not None:
                 pages = pages[: max(0, max_pages - done)]
             bitmap.clear_indices(pages)
@@ -176,37 +197,37 @@ class RamSender:
         first, last = int(batch[0]), int(batch[-1])
         contiguous = last - first + 1 == len(batch)
         nbytes = 0
-        if contiguous:
-            view = block.pages(first, len(batch))
-            mask = (
-                zero_page_mask(view, ps) if self.detect_zero else np.zeros(len(batch), dtype=bool)
-            )
-            for start, length, is_zero in _mask_runs(mask):
+        view = block.pages(first, len(batch)) if contiguous else None
+        if view is not None:
+            mask = zero_page_mask(view, ps) if self.detect_zero else np.zeros(len(batch), dtype=bool)
+            runs = _mask_runs(mask)
+        if view is not None and len(runs) <= MAX_RUNS_PER_BATCH:
+            # Few runs: send them straight from guest RAM, no copy.
+            for start, length, is_zero in runs:
                 if is_zero:
                     nbytes += await send(Zero(block_index, first + start, length))
                     self.stats.duplicate += length
                 else:
                     data = view[start * ps : (start + length) * ps]
-                    nbytes += await send(
-                        Pages(block_index, first + start, length, data, request_id)
-                    )
+                    nbytes += await send(Pages(block_index, first + start, length, data, request_id))
                     self.stats.normal += length
         else:
+            # Scattered pages, or zero and data pages interleaved: gather the data
+            # pages into one buffer (one numpy take) and send two frames.
             data = block.array.reshape(-1, ps)[batch.astype(np.intp)]
-            mask = (
-                zero_page_mask(memoryview(data).cast("B"), ps)
-                if self.detect_zero
-                else np.zeros(len(batch), bool)
-            )
+            if view is None:
+                mask = (
+                    zero_page_mask(memoryview(data).cast("B"), ps)
+                    if self.detect_zero
+                    else np.zeros(len(batch), bool)
+                )
             if mask.any():
                 nbytes += await send(ZeroBatch(block_index, batch[mask]))
                 self.stats.duplicate += int(mask.sum())
             if not mask.all():
                 keep = ~mask
                 payload = np.ascontiguousarray(data[keep])
-                nbytes += await send(
-                    PageBatch(block_index, batch[keep], memoryview(payload).cast("B"))
-                )
+                nbytes += await send(PageBatch(block_index, batch[keep], memoryview(payload).cast("B")))
                 self.stats.normal += int(keep.sum())
         self.sent_once[block_index].set_indices(batch)
         self.stats.transferred += nbytes
@@ -259,18 +280,17 @@ class RamReceiver:
             raise ValueError(
                 f"PAGE_BATCH for {block.name}: {data.size} bytes is not {len(pages)} pages"
             )
-        block.array.reshape(-1, block.page_size)[pages] = data.reshape(len(pages), block.page_size)
+        write_scattered(block, pages, data)
         self.received[msg.block].set_indices(msg.pages)
 
     def apply_zero(self, msg: Zero) -> None:
         block = self.block(msg.block)
         self._check(block, msg.first_page, msg.count)
         received = self.received[msg.block]
-        seen = received.to_bool()[msg.first_page : msg.first_page + msg.count]
+        seen = received.test_indices(np.arange(msg.first_page, msg.first_page + msg.count))
         if seen.any():  # a page we hold data for became zero: clear it
-            block.array[
-                msg.first_page * block.page_size : (msg.first_page + msg.count) * block.page_size
-            ] = 0
+            start, end = msg.first_page * block.page_size, (msg.first_page + msg.count) * block.page_size
+            block.array[start:end] = 0
         received.set_range(msg.first_page, msg.count)
 
     def apply_zero_batch(self, msg: ZeroBatch) -> None:
@@ -280,7 +300,7 @@ class RamReceiver:
             raise ValueError(
                 f"ZERO_BATCH for {block.name}: page index outside 0..{block.npages - 1}"
             )
-        seen = pages[self.received[msg.block].to_bool()[pages]]
+        seen = pages[self.received[msg.block].test_indices(pages)]
         if len(seen):
             block.array.reshape(-1, block.page_size)[seen] = 0
         self.received[msg.block].set_indices(msg.pages)

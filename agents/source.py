@@ -286,6 +286,10 @@ class OutgoingMigration:
         st.downtime_ms = (time.monotonic() - stop_at) * 1000
         st.expected_downtime_ms = None
         st.ram.remaining = 0
+        if self.capabilities.get("x-switchover-digest"):
+            from .daemon import ram_digest
+
+            st.switchover_digest = await ram_digest(self.guest)  # still stopped: RAM as it was sent
         st.set_status(S.COMPLETED)
 
     async def _return_path(self) -> None:

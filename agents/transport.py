@@ -176,7 +176,11 @@ async def serve_migrations(
             else f"multifd-{hello.index}"
         )
         channel.decoder.channel = channel.name
-        await on_channel(hello, channel, str(peer_name))
+        try:
+            await on_channel(hello, channel, str(peer_name))
+            await channel.closed_event.wait()  # the channel's owner closes it
+        finally:
+            await channel.aclose()
 
     task_status.started(listeners)
     await trio.serve_listeners(handle, listeners)

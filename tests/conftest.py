@@ -1,8 +1,10 @@
 """Test-suite wiring: trio for agent and protocol tests, asyncio for the TUI.
 
 Textual runs only on asyncio, the agents only on trio, so the async mode is
-chosen per folder rather than globally: every coroutine test under
-``tests/tui`` is marked for pytest-asyncio, every other one for pytest-trio.
+chosen per folder rather than globally: every coroutine test outside
+``tests/tui`` is marked for pytest-trio here.  pytest-asyncio (strict mode)
+must see its mark before this hook runs, so TUI test modules declare
+``pytestmark = pytest.mark.asyncio`` themselves.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         func = getattr(item, "function", None)
         if func is None or not inspect.iscoroutinefunction(func):
             continue
-        if Path(str(item.fspath)).is_relative_to(TUI_DIR):
-            item.add_marker(pytest.mark.asyncio)
-        else:
+        if not Path(str(item.fspath)).is_relative_to(TUI_DIR):
             item.add_marker(pytest.mark.trio)
 
 
