@@ -280,8 +280,8 @@ class Agent:
                 if is_terminal(mig.state.status):
                     self.incoming.pop(hello.migration_id, None)
             return
-        mig = self.incoming.get(hello.migration_id)
-        reason = "unknown migration id" if mig is None else mig.attach(hello, channel)
+        existing = self.incoming.get(hello.migration_id)
+        reason = "unknown migration id" if existing is None else existing.attach(hello, channel)
         if reason is not None:
             log.warning(
                 "refused %s channel from %s: %s (%s)",
@@ -474,7 +474,9 @@ class Agent:
                 "this agent has no migration listener (start it with --listen HOST:PORT)"
             )
         if args.get("uri", "defer") != "defer":
-            raise QmpError("migrate-incoming: godwit agents accept on their --listen address; use 'defer'")
+            raise QmpError(
+                "migrate-incoming: godwit agents accept on their --listen address; use 'defer'"
+            )
         if "autostart" in args:
             self.incoming_autostart = bool(args["autostart"])
         return {"port": self.listen_port}
@@ -530,7 +532,11 @@ async def verify_guest(guest: Guest, method: str, expect: str | None = None) -> 
         out["detail"] = "digest taken; pass 'expect' to compare it"
     else:
         out["verified"] = digest == expect
-        out["detail"] = "RAM digest matches" if digest == expect else f"RAM digest {digest} != expected {expect}"
+        out["detail"] = (
+            "RAM digest matches"
+            if digest == expect
+            else f"RAM digest {digest} != expected {expect}"
+        )
     return out
 
 

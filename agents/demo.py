@@ -51,7 +51,7 @@ async def agent_process(
     if listen:
         cmd += ["--listen", "127.0.0.1:0"]
     cmd += extra or []
-    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed below
+    log = (workdir / f"{name}.log").open("wb")
     proc = await trio.lowlevel.open_process(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         with trio.fail_after(20):
@@ -84,7 +84,11 @@ def make_pki(workdir: Path) -> None:
 async def run_precopy(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     make_pki(workdir)
     quiet = args.json
-    say = (lambda *_: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, file=sys.stderr)
+
     async with (
         agent_process(workdir, "source", listen=False) as src,
         agent_process(workdir, "destination", listen=True) as dst,

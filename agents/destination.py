@@ -50,6 +50,7 @@ from .vm.devices import DeviceSection
 
 if TYPE_CHECKING:
     from .daemon import Agent, GuestEntry
+    from .vm.guest import Guest
 
 log = logging.getLogger("godwit.destination")
 S = MigrationStatus
@@ -89,6 +90,12 @@ class IncomingMigration:
             return None
         return f"channel kind {hello.channel.value} is not supported in this migration"
 
+    def _guest(self) -> Guest:
+        assert self.entry is not None and self.entry.guest is not None, (
+            "the guest exists after CONFIG"
+        )
+        return self.entry.guest
+
     async def run(self) -> None:
         try:
             with self.cancel_scope:
@@ -114,7 +121,7 @@ class IncomingMigration:
         self.config = config
         self.entry = await self.agent.create_incoming_guest(self, config)
         self.state.guest = self.entry.name
-        self.ram = RamReceiver(self.entry.guest.blocks)
+        self.ram = RamReceiver(self._guest().blocks)
         self.state.ram.page_size = config.ramblocks[0].page_size if config.ramblocks else 4096
         self.state.ram.total = sum(b.size for b in config.ramblocks)
         self.state.set_status(S.ACTIVE)
@@ -165,8 +172,8 @@ class IncomingMigration:
             missing = sum(r.npages - r.count() for r in self.ram.received)
             raise ProtocolError(f"COMPLETE with {missing} pages never received", channel="main")
         if self.vmdesc is not None:
-            savevm.check_vmdesc(self.vmdesc, self.entry.guest.blocks, self.sections)
-        guest = self.entry.guest
+            savevm.check_vmdesc(self.vmdesc, self._guest().blocks, self.sections)
+        guest = self._guest()
         await guest.load_devices(self.sections)
         self.guest_running = True  # from here on the guest is ours to keep, running or not
         if self.agent.incoming_autostart:

@@ -101,6 +101,11 @@ def _mask_runs(mask: np.ndarray) -> list[tuple[int, int, bool]]:
     return [(int(s), int(e - s), bool(mask[s])) for s, e in zip(starts, ends, strict=True)]
 
 
+def _bytes(arr: np.ndarray) -> memoryview:
+    """A flat byte view of a contiguous numpy array (no copy)."""
+    return memoryview(arr).cast("B")  # type: ignore[arg-type]  # ndarrays are buffers
+
+
 def index_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs of consecutive page numbers in an index array: (first page, length, position)."""
     breaks = np.flatnonzero(np.diff(pages) != 1) + 1
@@ -114,8 +119,10 @@ def write_scattered(block: RamBlock, pages: np.ndarray, data: np.ndarray) -> Non
     pwrite than through page faults on a mapping, and a run is one syscall."""
     ps = block.page_size
     firsts, lengths, positions = index_runs(pages)
-    view = memoryview(data)
-    for first, length, pos in zip(firsts.tolist(), lengths.tolist(), positions.tolist(), strict=True):
+    view = _bytes(data) if isinstance(data, np.ndarray) else memoryview(data)
+    for first, length, pos in zip(
+        firsts.tolist(), lengths.tolist(), positions.tolist(), strict=True
+    ):
         block.write_pages(first, view[pos * ps : (pos + length) * ps])
 
 
@@ -199,7 +206,9 @@ class RamSender:
         nbytes = 0
         view = block.pages(first, len(batch)) if contiguous else None
         if view is not None:
-            mask = zero_page_mask(view, ps) if self.detect_zero else np.zeros(len(batch), dtype=bool)
+            mask = (
+                zero_page_mask(view, ps) if self.detect_zero else np.zeros(len(batch), dtype=bool)
+            )
             runs = _mask_runs(mask)
         if view is not None and len(runs) <= MAX_RUNS_PER_BATCH:
             # Few runs: send them straight from guest RAM, no copy.
@@ -209,15 +218,17 @@ class RamSender:
                     self.stats.duplicate += length
                 else:
                     data = view[start * ps : (start + length) * ps]
-                    nbytes += await send(Pages(block_index, first + start, length, data, request_id))
+                    nbytes += await send(
+                        Pages(block_index, first + start, length, data, request_id)
+                    )
                     self.stats.normal += length
         else:
             # Scattered pages, or zero and data pages interleaved: gather the data
             # pages into one buffer (one numpy take) and send two frames.
-            data = block.array.reshape(-1, ps)[batch.astype(np.intp)]
+            gathered = block.array.reshape(-1, ps)[batch.astype(np.intp)]
             if view is None:
                 mask = (
-                    zero_page_mask(memoryview(data).cast("B"), ps)
+                    zero_page_mask(_bytes(gathered), ps)
                     if self.detect_zero
                     else np.zeros(len(batch), bool)
                 )
@@ -226,8 +237,8 @@ class RamSender:
                 self.stats.duplicate += int(mask.sum())
             if not mask.all():
                 keep = ~mask
-                payload = np.ascontiguousarray(data[keep])
-                nbytes += await send(PageBatch(block_index, batch[keep], memoryview(payload).cast("B")))
+                payload = np.ascontiguousarray(gathered[keep])
+                nbytes += await send(PageBatch(block_index, batch[keep], _bytes(payload)))
                 self.stats.normal += int(keep.sum())
         self.sent_once[block_index].set_indices(batch)
         self.stats.transferred += nbytes
@@ -289,7 +300,10 @@ class RamReceiver:
         received = self.received[msg.block]
         seen = received.test_indices(np.arange(msg.first_page, msg.first_page + msg.count))
         if seen.any():  # a page we hold data for became zero: clear it
-            start, end = msg.first_page * block.page_size, (msg.first_page + msg.count) * block.page_size
+            start, end = (
+                msg.first_page * block.page_size,
+                (msg.first_page + msg.count) * block.page_size,
+            )
             block.array[start:end] = 0
         received.set_range(msg.first_page, msg.count)
 

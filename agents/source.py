@@ -56,6 +56,7 @@ from .transport import open_channel
 
 if TYPE_CHECKING:
     from .daemon import Agent, GuestEntry
+    from .vm.guest import Guest
 
 log = logging.getLogger("godwit.source")
 S = MigrationStatus
@@ -73,7 +74,9 @@ class OutgoingMigration:
     def __init__(self, agent: Agent, entry: GuestEntry, uri: MigrationURI) -> None:
         self.agent = agent
         self.entry = entry
-        self.guest = entry.guest
+        if entry.guest is None:
+            raise ValueError(f"guest '{entry.name}' has no running process to migrate")
+        self.guest: Guest = entry.guest
         self.uri = uri
         self.capabilities = dict(entry.capabilities)
         self.parameters = dict(entry.parameters)
@@ -192,6 +195,7 @@ class OutgoingMigration:
     async def _sync_dirty(self) -> int:
         """Get-and-clear the guest's dirty log into ``to_send``; returns pages newly dirty."""
         assert self.ram is not None
+        assert self.guest.dirty_log is not None, "dirty logging was started in setup"
         dirty = await self.guest.dirty_log.get_and_clear_async()
         count = 0
         for index, block in enumerate(self.guest.blocks):

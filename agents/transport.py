@@ -162,7 +162,7 @@ async def serve_migrations(
             trio.BrokenResourceError,
         ) as exc:
             reason = (
-                "no HELLO within %.0f s" % HELLO_TIMEOUT
+                f"no HELLO within {HELLO_TIMEOUT:.0f} s"
                 if isinstance(exc, trio.TooSlowError)
                 else str(exc)
             )

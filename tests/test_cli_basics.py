@@ -6,7 +6,10 @@ import sys
 
 def test_version_names_the_program():
     out = subprocess.run(
-        [sys.executable, "-m", "agents.cli", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "agents.cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.startswith("godwit ")
 

@@ -55,9 +55,13 @@ class RunningAgent:
 
 
 @asynccontextmanager
-async def running_agent(tmp: Path, pki_dir: Path, name: str, *, listen: bool = True) -> AsyncIterator[RunningAgent]:
+async def running_agent(
+    tmp: Path, pki_dir: Path, name: str, *, listen: bool = True
+) -> AsyncIterator[RunningAgent]:
     sock = tmp / f"{name}.sock"
-    config = AgentConfig(name=name, control=sock, pki=pki_dir, listen="127.0.0.1:0" if listen else None)
+    config = AgentConfig(
+        name=name, control=sock, pki=pki_dir, listen="127.0.0.1:0" if listen else None
+    )
     agent = Agent(config)
     async with trio.open_nursery() as nursery:
         scope = trio.CancelScope()
@@ -91,8 +95,10 @@ def short_tmp() -> AsyncIterator[Path]:
 
 @pytest.fixture
 async def pair(short_tmp: Path, pki_dir: Path) -> AsyncIterator[tuple[RunningAgent, RunningAgent]]:
-    async with running_agent(short_tmp, pki_dir, "source", listen=False) as src, \
-            running_agent(short_tmp, pki_dir, "destination") as dst:
+    async with (
+        running_agent(short_tmp, pki_dir, "source", listen=False) as src,
+        running_agent(short_tmp, pki_dir, "destination") as dst,
+    ):
         yield src, dst
 
 

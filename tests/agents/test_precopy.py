@@ -12,6 +12,7 @@ import ssl
 
 import pytest
 import trio
+from conftest import running_agent
 
 from agents import pki
 from agents.client import CommandFailed, open_client
@@ -20,20 +21,22 @@ from protocol import PROTOCOL_VERSION
 from protocol.frames import FrameDecoder
 from protocol.messages import ChannelKind, Error, Hello, decode_message
 
-from conftest import running_agent
-
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (userfaultfd, PAGEMAP_SCAN)")
 
 
-async def _start_guest(client, name="vm1", memory="64M", workload="counter", converge=True, **extra):
+async def _start_guest(
+    client, name="vm1", memory="64M", workload="counter", converge=True, **extra
+):
     """A guest, with a downtime limit a counter guest can meet on a loaded 2-core machine.
 
     The counter rewrites all its RAM in well under a second, faster than one
     Python process can move it through TLS twice, so — as QEMU's migration-test
     does — tests that are not about convergence raise the downtime limit.
     """
-    info = await client.execute("guest-start", {"name": name, "memory": memory, "workload": workload,
-                                                "fill": "mixed:50%", **extra})
+    info = await client.execute(
+        "guest-start",
+        {"name": name, "memory": memory, "workload": workload, "fill": "mixed:50%", **extra},
+    )
     if converge:
         await client.execute("migrate-set-parameters", {"guest": name, "downtime-limit": 20_000})
     return info
@@ -65,11 +68,16 @@ async def test_counter_guest_migrates_and_the_counter_check_holds_on_the_destina
 
 async def test_auto_converge_throttles_a_guest_that_dirties_faster_than_the_link(pair):
     src, dst = pair
-    await _start_guest(src.client, memory="64M", workload="stress:rate=64M,wss=32M,mode=write", converge=False)
-    await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 16 << 20,
-                                                         "downtime-limit": 100})
-    await src.client.execute("migrate-set-capabilities", {
-        "guest": "vm1", "capabilities": [{"capability": "auto-converge", "state": True}]})
+    await _start_guest(
+        src.client, memory="64M", workload="stress:rate=64M,wss=32M,mode=write", converge=False
+    )
+    await src.client.execute(
+        "migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 16 << 20, "downtime-limit": 100}
+    )
+    await src.client.execute(
+        "migrate-set-capabilities",
+        {"guest": "vm1", "capabilities": [{"capability": "auto-converge", "state": True}]},
+    )
     await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
     info = await src.client.wait_status("vm1", {"completed", "failed"}, timeout=240)
     assert info["status"] == "completed", info.get("error-desc")
@@ -82,14 +90,18 @@ async def test_stress_guest_memory_equals_the_source_at_switchover(pair):
     src, dst = pair
     await dst.client.execute("migrate-incoming", {"uri": "defer", "autostart": False})
     await _start_guest(src.client, memory="128M", workload="stress:rate=50M,wss=64M,mode=write")
-    await src.client.execute("migrate-set-capabilities", {
-        "guest": "vm1", "capabilities": [{"capability": "x-switchover-digest", "state": True}]})
+    await src.client.execute(
+        "migrate-set-capabilities",
+        {"guest": "vm1", "capabilities": [{"capability": "x-switchover-digest", "state": True}]},
+    )
     await trio.sleep(0.3)
     await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
     info = await src.client.wait_status("vm1", {"completed", "failed"}, timeout=120)
     assert info["status"] == "completed", info.get("error-desc")
     assert info["ram"]["dirty-sync-count"] >= 2  # the workload dirtied pages during the bulk pass
-    assert info["ram"]["duplicate"] > 0 and info["ram"]["normal"] > 0  # untouched zero pages went as ZERO
+    assert (
+        info["ram"]["duplicate"] > 0 and info["ram"]["normal"] > 0
+    )  # untouched zero pages went as ZERO
     [guest] = await dst.client.execute("query-guests")
     assert guest["status"] == "paused"  # autostart off: RAM is exactly what arrived
     check = await dst.client.execute("guest-verify", {"guest": "vm1", "method": "digest"})
@@ -121,8 +133,13 @@ async def test_cancel_while_active_leaves_the_source_guest_running_and_whole(pai
 async def test_cancel_in_pre_switchover_resumes_the_source(pair):
     src, dst = pair
     await _start_guest(src.client)
-    await src.client.execute("migrate-set-capabilities", {
-        "guest": "vm1", "capabilities": [{"capability": "pause-before-switchover", "state": True}]})
+    await src.client.execute(
+        "migrate-set-capabilities",
+        {
+            "guest": "vm1",
+            "capabilities": [{"capability": "pause-before-switchover", "state": True}],
+        },
+    )
     await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
     await src.client.wait_status("vm1", {"pre-switchover"}, timeout=60)
     with pytest.raises(CommandFailed, match="not possible"):
@@ -137,8 +154,13 @@ async def test_cancel_in_pre_switchover_resumes_the_source(pair):
 async def test_pre_switchover_then_continue_completes(pair):
     src, dst = pair
     await _start_guest(src.client)
-    await src.client.execute("migrate-set-capabilities", {
-        "guest": "vm1", "capabilities": [{"capability": "pause-before-switchover", "state": True}]})
+    await src.client.execute(
+        "migrate-set-capabilities",
+        {
+            "guest": "vm1",
+            "capabilities": [{"capability": "pause-before-switchover", "state": True}],
+        },
+    )
     await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
     await src.client.wait_status("vm1", {"pre-switchover"}, timeout=60)
     await src.client.execute("migrate-continue", {"guest": "vm1", "state": "pre-switchover"})
@@ -147,12 +169,19 @@ async def test_pre_switchover_then_continue_completes(pair):
     assert (await dst.client.execute("guest-verify", {"guest": "vm1"}))["verified"]
 
 
+async def _hold_forever(stream):
+    await trio.sleep_forever()
+
+
 async def test_cancel_during_setup(short_tmp, pki_dir):
     """A destination that accepts TCP but never answers TLS keeps us in setup; cancel works there."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
-    async with running_agent(short_tmp, pki_dir, "source", listen=False) as src, trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, lambda stream: trio.sleep_forever(), listeners)
+    async with (
+        running_agent(short_tmp, pki_dir, "source", listen=False) as src,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(trio.serve_listeners, _hold_forever, listeners)
         await _start_guest(src.client)
         await src.client.execute("migrate", {"guest": "vm1", "uri": f"tls:127.0.0.1:{port}"})
         await src.client.wait_status("vm1", {"setup"}, timeout=10, poll=0.01)
@@ -167,7 +196,9 @@ async def test_connection_lost_mid_precopy_fails_and_keeps_the_source_whole(shor
     async with running_agent(short_tmp, pki_dir, "source", listen=False) as src:
         async with running_agent(short_tmp, pki_dir, "destination") as dst:
             await _start_guest(src.client, memory="256M")
-            await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 20 << 20})
+            await src.client.execute(
+                "migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 20 << 20}
+            )
             await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
             await src.client.wait_status("vm1", {"active"}, timeout=30, poll=0.02)
             await trio.sleep(0.3)
@@ -176,7 +207,9 @@ async def test_connection_lost_mid_precopy_fails_and_keeps_the_source_whole(shor
         assert info["status"] == "failed"
         assert info["error-desc"]
         await _wait_guest_running(src.client)
-        assert (await src.client.execute("guest-verify", {"guest": "vm1", "method": "counter"}))["verified"]
+        assert (await src.client.execute("guest-verify", {"guest": "vm1", "method": "counter"}))[
+            "verified"
+        ]
 
 
 async def test_a_source_with_a_certificate_from_another_ca_is_refused(pair, pki_dir, rogue_pki_dir):
@@ -244,10 +277,22 @@ async def test_bad_control_input_gets_errors_and_the_agent_keeps_serving(pair):
     for bad, needle in [
         (b"this is not json\n", "JSON parse error"),
         (b'{"execute": "no-such-command", "id": 1}\n', "has not been found"),
-        (b'{"execute": "migrate", "arguments": {"guest": "x"}, "id": 2}\n', "Parameter 'uri' is missing"),
-        (b'{"execute": "migrate", "arguments": {"guest": "nope", "uri": "tls:a:1"}, "id": 3}\n', "no guest"),
-        (b'{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": -5}, "id": 4}\n', "downtime-limit"),
-        (b'{"execute": "guest-start", "arguments": {"name": "g", "memory": "lots"}, "id": 5}\n', "size"),
+        (
+            b'{"execute": "migrate", "arguments": {"guest": "x"}, "id": 2}\n',
+            "Parameter 'uri' is missing",
+        ),
+        (
+            b'{"execute": "migrate", "arguments": {"guest": "nope", "uri": "tls:a:1"}, "id": 3}\n',
+            "no guest",
+        ),
+        (
+            b'{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": -5}, "id": 4}\n',
+            "downtime-limit",
+        ),
+        (
+            b'{"execute": "guest-start", "arguments": {"name": "g", "memory": "lots"}, "id": 5}\n',
+            "size",
+        ),
     ]:
         await stream.send_all(bad)
         reply = await line()
