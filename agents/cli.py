@@ -20,6 +20,23 @@ from typing import Any
 
 DEFAULT_AGENT = os.environ.get("GODWIT_AGENT", "/run/godwit/control.sock")
 
+EXTENSIONS = ("agents.cli_lab", "agents.cli_file", "agents.cli_service")
+"""Modules that add verbs: each has ``add_parsers(subparsers)`` and ``run(args) -> int | None``
+(None: not one of its verbs).  Keeps each concern's CLI next to its code."""
+
+
+def _extensions() -> list[Any]:
+    import importlib
+
+    found = []
+    for name in EXTENSIONS:
+        try:
+            found.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return found
+
 
 def _version() -> str:
     try:
@@ -131,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command_json")
     _agent_options(p)
 
+    p = sub.add_parser("tui", help="watch and steer migrations in a terminal (Textual)")
+    from tui.app import add_arguments as add_tui_arguments
+
+    add_tui_arguments(p)
+
+    for extension in _extensions():
+        extension.add_parsers(sub)
+
     p = sub.add_parser("demo", help="two agents, fresh PKI, a guest, a migration, a verification")
     p.add_argument("--json", action="store_true", help="print only the JSON summary")
     p.add_argument("--scenario", default="precopy", choices=["precopy"], help="what to demonstrate")
@@ -158,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_agent(args)
         if args.command == "pki":
             return _cmd_pki(args)
+        if args.command == "tui":
+            from tui.app import run as run_tui
+
+            return run_tui(args.agent, pki=args.pki, name=args.name)
+        for extension in _extensions():
+            status = extension.run(args)
+            if status is not None:
+                return int(status)
         if args.command == "demo":
             from .demo import main as demo_main
 
