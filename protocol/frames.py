@@ -101,6 +101,7 @@ class FrameType(enum.IntEnum):
     RESUME_ACK = 0x44  # return: the destination resumed
     SWITCHOVER_ACK = 0x45  # return: the destination is ready for switchover
     SHUT = 0x46  # return: the destination is done (or gives up)
+    POSTCOPY_RUN_ACK = 0x47  # return: devices loaded, the guest runs on the destination
 
 
 class FrameFlags(enum.IntFlag):

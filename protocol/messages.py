@@ -60,7 +60,8 @@ VMDESC 0x23         0      rest  JSON      description object
 SWITCHOVER_START    -      0               (no payload; also POSTCOPY_LISTEN 0x25,
 0x24                                       POSTCOPY_RUN 0x26, COMPLETE 0x27,
                                            RESUME 0x43, RESUME_ACK 0x44,
-                                           SWITCHOVER_ACK 0x45)
+                                           SWITCHOVER_ACK 0x45,
+                                           POSTCOPY_RUN_ACK 0x47)
 PING 0x30, PONG     0      8     u64 BE    sequence number
 0x31                8      8     u64 BE    sender's monotonic ns (echoed by PONG)
 REQ_PAGES 0x40      0      4     u32 BE    block
@@ -118,6 +119,7 @@ __all__ = [
     "PostcopyAdvise",
     "PostcopyListen",
     "PostcopyRun",
+    "PostcopyRunAck",
     "RamBlockInfo",
     "RecvBitmap",
     "RecvBitmapRequest",
@@ -923,6 +925,17 @@ class SwitchoverAck(Message):
     """The destination is ready for switchover (capability switchover-ack)."""
 
     TYPE: ClassVar[FrameType] = FrameType.SWITCHOVER_ACK
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyRunAck(Message):
+    """The destination loaded the devices and runs the guest: postcopy-device ends.
+
+    Until the source has this, its own copy of the guest is whole and is
+    resumed on any failure; after it, no host has the whole guest.
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.POSTCOPY_RUN_ACK
 
 
 @dataclass(frozen=True, slots=True)

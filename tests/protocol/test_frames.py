@@ -68,6 +68,7 @@ def test_frame_type_numbers_are_stable() -> None:
         "RESUME_ACK": 0x44,
         "SWITCHOVER_ACK": 0x45,
         "SHUT": 0x46,
+        "POSTCOPY_RUN_ACK": 0x47,
     }
 
 
