@@ -48,3 +48,7 @@ NOT_ROOT_NOTE = (
     "accesses to missing guest pages (e.g. write(2) from guest memory) fail with EFAULT "
     "instead of faulting; run the agent as root for full postcopy"
 )
+
+
+class GuestAttached(GuestCommandError):
+    """Adoption refused: another agent is attached to the guest (one at a time)."""

@@ -13,18 +13,33 @@ background task: whichever coroutine is waiting for a message reads the
 socket and files what it reads (replies by id, job results, heartbeats),
 so several tasks may call the guest at once and nothing is read by nobody
 for long.  ``wait()`` learns how the process ended.
+
+Guests outlive their agent when started with a ``state_dir``: closing the
+control socket (agent death, or ``detach()`` at shutdown) leaves the guest
+running — or stopped, if it was stopped; a source stopped for switchover
+when its agent died does *not* resume by itself, the agent that adopts it
+decides — and listening on ``<state_dir>/guests/<name>.sock`` (orphans.py).
+A restarted agent lists them with ``find_orphans(state_dir)`` and takes one
+over with ``Guest.adopt(record.socket)``: the memfds (and the postcopy uffd)
+arrive over SCM_RIGHTS and the handle works as if the guest were started
+here.  An adopted guest is not our child: ``wait()`` watches a pidfd and
+never reaps (its parent, or init, does).  Without a ``state_dir`` a guest
+still exits when its control socket closes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,13 +48,59 @@ import trio
 from agents.vm import ctl
 from agents.vm.devices import DeviceSection
 from agents.vm.dirty import DirtyLog
-from agents.vm.errors import GuestCommandError, GuestGone
+from agents.vm.errors import GuestAttached, GuestCommandError, GuestGone
 from agents.vm.fill import fill_block, parse_fill
+from agents.vm.orphans import (
+    OrphanRecord,
+    find_orphans,
+    guest_paths,
+    make_guests_dir,
+    proc_exit_code,
+    record_alive,
+    remove_files,
+)
 from agents.vm.postcopy import UffdPlacer
 from agents.vm.ramblock import RamBlock
 from agents.vm.workloads import parse_size, parse_workload
 
 HELLO_TIMEOUT = 30.0
+SCM_MAX_FD = 253  # the kernel's limit on fds in one SCM_RIGHTS message
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+__all__ = [
+    "Guest",
+    "GuestExit",
+    "GuestMapping",
+    "GuestSpec",
+    "OrphanRecord",
+    "find_orphans",
+]
+
+
+def _set_buffers(s: socket.socket | trio.socket.SocketType) -> None:
+    for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):  # *BUFFORCE as root
+        try:
+            s.setsockopt(socket.SOL_SOCKET, force, ctl.SNDBUF)
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, opt, ctl.SNDBUF)
+
+
+async def _recv_with_fds(sock: trio.socket.SocketType, what: str) -> tuple[bytes, list[int]]:
+    """One message and the fds attached to it (made non-inheritable)."""
+    anc = socket.CMSG_SPACE(4 * SCM_MAX_FD)
+    data, ancdata, flags, _addr = await sock.recvmsg(ctl.MAX_MESSAGE, anc)
+    fds: list[int] = []
+    for level, typ, payload in ancdata:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(np.frombuffer(payload[:usable], dtype=np.int32).tolist())
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise GuestCommandError(f"{what}: file descriptors truncated (MSG_CTRUNC)")
+    return data, fds
 
 
 @dataclass
@@ -159,6 +220,11 @@ class Guest:
         self._buf = bytearray(ctl.MAX_MESSAGE)
         self._send_lock = trio.Lock()
         self._placer: UffdPlacer | None = None
+        self.adopted = False  # taken over from another agent: not our child
+        self.socket_path: Path | None = None  # adoption socket, if it outlives us
+        self.record_path: Path | None = None
+        self._pidfd: int | None = None  # adopted guests: how we learn that they ended
+        self._quit_acked = False
 
     def __repr__(self) -> str:
         return f"Guest({self.spec.name!r}, pid={self.pid}, state={self.state})"
@@ -166,14 +232,21 @@ class Guest:
     # -- starting ------------------------------------------------------------
 
     @classmethod
-    async def start(cls, spec: GuestSpec) -> Guest:
-        """A fresh guest: new RAM blocks, filled per spec, vCPUs running."""
+    async def start(
+        cls, spec: GuestSpec, *, state_dir: str | os.PathLike[str] | None = None
+    ) -> Guest:
+        """A fresh guest: new RAM blocks, filled per spec, vCPUs running.
+
+        With ``state_dir`` the guest outlives this agent (see the module
+        docstring); a live guest of the same name there is refused.
+        """
         spec.validate()
+        paths = cls._claim_paths(spec, state_dir)
         blocks = cls._create_blocks(spec)
         try:
             await trio.to_thread.run_sync(cls._fill, spec, blocks)
             guest = cls(spec, blocks)
-            await guest._spawn("fresh")
+            await guest._spawn("fresh", paths)
         except BaseException:
             for b in blocks:
                 b.close()
@@ -182,26 +255,52 @@ class Guest:
 
     @classmethod
     async def start_incoming(
-        cls, spec: GuestSpec, blocks: list[RamBlock] | None = None, postcopy: bool = False
+        cls,
+        spec: GuestSpec,
+        blocks: list[RamBlock] | None = None,
+        postcopy: bool = False,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> Guest:
         """A destination guest: RAM arrives later, vCPUs wait for ``cont``.
 
         ``blocks`` are the RamBlocks the agent made from CONFIG (made from the
         spec's layout if None); the Guest owns them from here on and closes
-        them in ``quit``.
+        them in ``quit``.  ``state_dir`` as for ``start``.
         """
         spec.validate()
+        paths = cls._claim_paths(spec, state_dir)
         own = blocks is None
         blocks = cls._create_blocks(spec) if blocks is None else blocks
         guest = cls(spec, blocks)
         try:
-            await guest._spawn("postcopy" if postcopy else "incoming")
+            await guest._spawn("postcopy" if postcopy else "incoming", paths)
         except BaseException:
             if own:
                 for b in blocks:
                     b.close()
             raise
         return guest
+
+    @staticmethod
+    def _claim_paths(
+        spec: GuestSpec, state_dir: str | os.PathLike[str] | None
+    ) -> tuple[Path, Path] | None:
+        """The adoption socket and record paths for a new guest, clearing stale ones."""
+        if state_dir is None:
+            return None
+        sock, rec_path = guest_paths(state_dir, spec.name)
+        make_guests_dir(state_dir)
+        rec, alive = record_alive(rec_path)
+        if alive:
+            assert rec is not None
+            raise GuestCommandError(
+                f"guest {spec.name!r} already runs as pid {rec.pid} (record {rec_path}); "
+                "adopt it or quit it before starting another of that name"
+            )
+        for p in (sock, rec_path):
+            p.unlink(missing_ok=True)  # left by a guest that was killed
+        return sock, rec_path
 
     @staticmethod
     def _create_blocks(spec: GuestSpec) -> list[RamBlock]:
@@ -222,16 +321,16 @@ class Guest:
             if parse_workload(spec.workload).kind == "counter":
                 b.array[:: b.page_size] = 0  # the counter check needs equal first bytes
 
-    async def _spawn(self, mode: str) -> None:
+    async def _spawn(self, mode: str, paths: tuple[Path, Path] | None = None) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (parent, child):
-            for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):  # *BUFFORCE as root
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, force, ctl.SNDBUF)
-                except OSError:
-                    s.setsockopt(socket.SOL_SOCKET, opt, ctl.SNDBUF)
+            _set_buffers(s)
+        if paths is not None:
+            self.socket_path, self.record_path = paths
         config = {
             **self.spec.to_json(),
+            "spec": self.spec.to_json(),
+            "adopt": {"socket": str(paths[0]), "record": str(paths[1])} if paths else None,
             "mode": mode,
             "blocks": [
                 {"name": b.name, "size": b.size, "page_size": b.page_size, "fd": b.fd}
@@ -274,15 +373,7 @@ class Guest:
 
     async def _recv_hello(self) -> tuple[dict[str, Any], list[int]]:
         assert self._sock is not None
-        anc = socket.CMSG_SPACE(4 * 4)
-        data, ancdata, _flags, _addr = await self._sock.recvmsg(ctl.MAX_MESSAGE, anc)
-        fds: list[int] = []
-        for level, typ, payload in ancdata:
-            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % 4
-                fds.extend(np.frombuffer(payload[:usable], dtype=np.int32).tolist())
-        for fd in fds:
-            os.set_inheritable(fd, False)
+        data, fds = await _recv_with_fds(self._sock, f"guest {self.spec.name!r} hello")
         if not data:
             code = await self.process.wait() if self.process else -1
             raise GuestGone(
@@ -295,6 +386,93 @@ class Guest:
         if msg.get("event") != "hello":
             raise GuestCommandError(f"guest {self.spec.name!r}: expected hello, got {msg!r:.120}")
         return msg, fds
+
+    @classmethod
+    async def adopt(
+        cls, socket_path: str | os.PathLike[str], *, timeout: float = HELLO_TIMEOUT
+    ) -> Guest:
+        """Take over a guest whose agent is gone, from its adoption socket.
+
+        Receives the memfds (and the postcopy uffd, if RAM is still
+        registered MISSING) over SCM_RIGHTS, maps the blocks here and
+        returns a handle in the guest's current state (running, stopped or
+        incoming: nothing is resumed).  Raises GuestAttached if another
+        agent holds the guest, GuestGone if nothing listens there any more,
+        GuestCommandError if the socket's owner is not our uid.  The
+        socket's peer must have our uid (SO_PEERCRED), as the guest checks ours.
+        """
+        path = Path(socket_path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pidfd: int | None = None
+        pending: list[int] = []
+        blocks: list[RamBlock] = []
+        try:
+            _set_buffers(sock)
+            try:
+                await sock.connect(str(path))
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise GuestGone(
+                    f"no guest listens at {path} ({e.strerror}): it quit or was killed "
+                    "(find_orphans removes stale records)"
+                ) from e
+            pid, uid, _gid = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+            if uid != os.geteuid():
+                raise GuestCommandError(
+                    f"refusing to adopt from {path}: it is held by uid {uid} (pid {pid}), "
+                    f"not uid {os.geteuid()}"
+                )
+            pidfd = os.pidfd_open(pid)
+            with trio.fail_after(timeout):
+                data, pending = await _recv_with_fds(sock, f"adopting {path}")
+            if not data:
+                raise GuestGone(f"adopting {path}: guest pid {pid} hung up without a hello")
+            msg = ctl.decode(data)
+            if msg.get("event") == "refused":
+                raise GuestAttached(f"adopting {path}: {msg.get('reason')}")
+            if msg.get("event") != "hello" or not msg.get("adopted"):
+                raise GuestCommandError(f"adopting {path}: expected hello, got {msg!r:.120}")
+            layout = msg["blocks"]
+            want = len(layout) + (1 if msg.get("uffd") else 0)
+            if len(pending) != want:
+                raise GuestCommandError(
+                    f"adopting {path}: guest pid {pid} sent {len(pending)} fds for "
+                    f"{len(layout)} RAM blocks{' and a uffd' if msg.get('uffd') else ''}"
+                )
+            for b in layout:
+                fd = pending.pop(0)  # from_fd owns it from here, also on failure
+                blocks.append(RamBlock.from_fd(b["name"], int(b["size"]), int(b["page_size"]), fd))
+            spec = GuestSpec.from_json(msg["spec"])
+        except BaseException:
+            for fd in pending:
+                os.close(fd)
+            for blk in blocks:
+                blk.close()
+            if pidfd is not None:
+                os.close(pidfd)
+            sock.close()
+            raise
+        guest = cls(spec, blocks)
+        guest.adopted = True
+        guest.pid = pid
+        guest._pidfd = pidfd
+        guest._sock = sock
+        guest.uffd = pending.pop() if pending else None
+        guest.socket_path, guest.record_path = path, path.with_suffix(".json")
+        guest.mappings = [
+            GuestMapping(m["name"], int(m["addr"]), int(m["size"]), int(m["page_size"]))
+            for m in msg["mappings"]
+        ]
+        guest.state = str(msg["state"])
+        try:
+            # Answered after pidfd_open: the pidfd is this very guest, not a recycled pid.
+            with trio.fail_after(timeout):
+                await guest.ping()
+        except BaseException:
+            guest.close()
+            raise
+        return guest
 
     # -- messaging -----------------------------------------------------------
 
@@ -482,17 +660,33 @@ class Guest:
     # -- ending --------------------------------------------------------------
 
     async def wait(self) -> GuestExit:
-        """Wait for the process to end; says why (quit, fatal reason, signal)."""
+        """Wait for the process to end; says why (quit, fatal reason, signal).
+
+        An adopted guest is not our child: we watch its pidfd and never reap
+        it.  Its exit status is read from /proc while it is a zombie (its
+        parent has not reaped it yet); once reaped it is unknown, and the
+        exit says so (returncode -1) unless it acknowledged a quit (0).
+        """
         if self.exit is not None:
             return self.exit
-        assert self.process is not None
-        code = await self.process.wait()
+        code: int | None
+        if self.process is not None:
+            code = await self.process.wait()
+        else:
+            assert self._pidfd is not None, "wait() on a guest that was never started"
+            await trio.lowlevel.wait_readable(self._pidfd)
+            code = self._non_child_status()
         # The process is gone, so the socket ends after what it queued: read it
         # all, to pick up a parting "fatal" message.
         with trio.move_on_after(2):
             await self._drain()
+        unknown = code is None
+        if code is None:
+            code = 0 if self._quit_acked and not self._fatal else -1
         if self._fatal:
             reason = str(self._fatal.get("reason"))
+        elif unknown and code < 0:
+            reason = "ended; not a child of this agent and already reaped, so how is unknown"
         elif code < 0:
             reason = f"killed by {signal.Signals(-code).name}"
         elif code == 0:
@@ -505,6 +699,33 @@ class Guest:
         self.state = "exited"
         return self.exit
 
+    def _non_child_status(self) -> int | None:
+        """The ended guest's exit code from /proc/PID/stat if it is still a zombie, else None."""
+        st = proc_exit_code(self.pid)
+        if st is None or st[0] != "Z":
+            return None
+        assert self._pidfd is not None
+        try:
+            signal.pidfd_send_signal(self._pidfd, 0)  # still unreaped: the stat was our guest's
+        except ProcessLookupError:
+            return None
+        return os.waitstatus_to_exitcode(st[1])
+
+    def _alive(self) -> bool:
+        if self.process is not None:
+            return self.process.returncode is None
+        if self._pidfd is None:
+            return False
+        p = select.poll()
+        p.register(self._pidfd, select.POLLIN)
+        return not p.poll(0)
+
+    async def _wait_gone(self) -> None:
+        if self.process is not None:
+            await self.process.wait()
+        elif self._pidfd is not None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+
     async def _reap(self, kill: bool) -> None:
         if self.process is None:
             return
@@ -514,29 +735,53 @@ class Guest:
             await self.process.wait()
 
     async def quit(self, timeout: float = 5.0) -> GuestExit:
-        """End the guest: process reaped, sockets, uffd, dirty log and memfds closed."""
+        """End the guest: process gone (reaped if it is our child), adoption socket and
+        record removed, sockets, uffd, dirty log and memfds closed."""
+        started = self.process is not None or self._pidfd is not None
         try:
-            if self.process is not None and self.process.returncode is None:
+            if started and self.exit is None and self._alive():
                 self.state = "quitting"
                 with trio.move_on_after(timeout):
                     try:
                         await self.request("quit")
+                        self._quit_acked = True
                     except GuestGone:
                         pass
-                    await self.process.wait()
-                if self.process.returncode is None:
-                    self.process.kill()
+                    await self._wait_gone()
+                if self._alive():
+                    self.kill()
             with trio.CancelScope(shield=True):
-                result = (
-                    await self.wait() if self.process is not None else GuestExit(0, "never started")
-                )
+                if started:
+                    result = await self.wait()
+                else:
+                    result = self.exit or GuestExit(0, "never started")
         finally:
             self.close()
         return result
 
     def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
+        """SIGKILL the guest (through its pidfd if adopted: never a recycled pid)."""
+        if self.process is not None:
+            if self.process.returncode is None:
+                self.process.kill()
+        elif self._pidfd is not None and self._alive():
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def detach(self) -> None:
+        """Let go of the guest without ending it: what an agent does when it shuts down.
+
+        The same as the agent dying, done on purpose: the control socket
+        closes, and a guest started with a ``state_dir`` carries on (running
+        or stopped as it is) until another agent adopts it; one without
+        exits.  This handle is finished afterwards (state "detached"); it
+        never reaps the process.
+        """
+        self.close()
+        self.process = None  # not ours to reap any more
+        self.state = "detached"
 
     def close(self) -> None:
         """Release the agent-side resources (the process must be gone or going)."""
@@ -549,3 +794,9 @@ class Guest:
             self._eof = True
         for b in self.blocks:
             b.close()
+        if self.socket_path is not None and self.record_path is not None and self.exit is not None:
+            # The guest removes them when it quits; not when it is killed.
+            remove_files(self.socket_path, self.record_path, self.pid)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None

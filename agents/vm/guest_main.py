@@ -17,6 +17,19 @@ Userfaultfds are created here, because the registering process must be the
 one whose mapping faults: MISSING for an incoming postcopy guest (handed to
 the agent with SCM_RIGHTS in the hello message), WP-async for the dirty log
 (kept here; the agent scans /proc/PID/pagemap).
+
+Outliving the agent: started with an adoption socket (``config["adopt"]``,
+see orphans.py), the guest does not exit when its control socket closes.
+It detaches: vCPUs keep running, or stay parked if they were stopped (a
+source stopped for switchover when its agent died stays stopped; the agent
+that adopts it decides whether to ``cont``), an incoming guest keeps
+waiting, a throttle stays as it was, a postcopy registration stays (vCPUs
+blocked on missing pages stay blocked until someone places them).  Only the
+dirty log ends: it belongs to a migration, and the migration died with its
+agent.  The control thread then accepts one agent at a time on the socket
+(SO_PEERCRED uid must be ours), hands it the memfds and the postcopy uffd
+in its hello, and serves it exactly like the agent that started it.
+Without an adoption socket, EOF on the control socket still ends the guest.
 """
 
 from __future__ import annotations
@@ -26,11 +39,14 @@ import ctypes
 import json
 import os
 import queue
+import select
 import socket
+import struct
 import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,10 +61,12 @@ from agents.vm.devices import (
     VcpuDevice,
     load_sections,
 )
+from agents.vm.orphans import proc_start_time, remove_files, write_record
 from agents.vm.ramblock import HUGE_PAGE_SIZE, RamBlock
 from agents.vm.workloads import Mem, Workload, gather, make_workload, parse_workload, scatter
 
 EXIT_FATAL = 70
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class CommandError(Exception):
@@ -97,10 +115,25 @@ class Gate:
             self.cond.notify_all()
 
 
+def set_buffers(s: socket.socket) -> None:
+    for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):  # *BUFFORCE as root
+        try:
+            s.setsockopt(socket.SOL_SOCKET, force, ctl.SNDBUF)
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, opt, ctl.SNDBUF)
+
+
+def hung_up(s: socket.socket) -> bool:
+    """Whether the peer of a connected socket is gone (queued messages may remain)."""
+    p = select.poll()
+    p.register(s.fileno(), select.POLLIN | select.POLLRDHUP)
+    return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, ev in p.poll(0))
+
+
 class GuestProcess:
     def __init__(self, config: dict[str, Any], sock: socket.socket) -> None:
         self.config = config
-        self.sock = sock
+        self.sock: socket.socket | None = sock
         self.send_lock = threading.Lock()
         self.name = config["name"]
         self.mode = config["mode"]  # fresh | incoming | postcopy
@@ -130,6 +163,145 @@ class GuestProcess:
         self.vcpu_error: str | None = None
         self.started = time.monotonic()
         self._ever_ran = False
+        self.gen = 0  # bumped at every attach/detach: job results go only to the agent that asked
+        self.agent_pid: int | None = os.getppid()
+        adopt = config.get("adopt")
+        self.sock_path = Path(adopt["socket"]) if adopt else None
+        self.record_path = Path(adopt["record"]) if adopt else None
+        self.listener = self.listen() if adopt else None
+
+    # -- adoption ------------------------------------------------------------
+
+    def listen(self) -> socket.socket:
+        """Bind the adoption socket 0600 (umask while binding: no moment with looser modes)."""
+        assert self.sock_path is not None
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)  # no other thread runs yet
+        try:
+            s.bind(str(self.sock_path))
+        except OSError as e:
+            s.close()
+            raise CommandError(f"adoption socket {self.sock_path}: {e.strerror}") from e
+        finally:
+            os.umask(old)
+        os.chmod(self.sock_path, 0o600)
+        s.listen(4)
+        return s
+
+    def write_record(self) -> None:
+        if self.record_path is None or self.sock_path is None:
+            return
+        agent = self.agent_pid
+        write_record(
+            self.record_path,
+            {
+                "name": self.name,
+                "pid": os.getpid(),
+                "starttime": proc_start_time(os.getpid()),
+                "socket": str(self.sock_path),
+                "spec": self.config.get("spec", {}),
+                "blocks": [
+                    {"name": b.name, "size": b.size, "page_size": b.page_size} for b in self.blocks
+                ],
+                "attached_pid": agent,
+                "attached_start": proc_start_time(agent) if agent else None,
+            },
+        )
+
+    def remove_files(self) -> None:
+        if self.sock_path is not None and self.record_path is not None:
+            remove_files(self.sock_path, self.record_path, os.getpid())
+
+    def hello(self, adopted: bool) -> dict[str, Any]:
+        return {
+            "event": "hello",
+            "pid": os.getpid(),
+            "adopted": adopted,
+            "state": self.state,
+            "spec": self.config.get("spec", {}),
+            "blocks": [
+                {"name": b.name, "size": b.size, "page_size": b.page_size} for b in self.blocks
+            ],
+            "mappings": [
+                {"name": m.name, "addr": m.addr, "size": len(m.array), "page_size": m.page_size}
+                for m in self.mems
+            ],
+            "uffd": self.postcopy_uffd is not None,
+            "throttle": self.gate.throttle,
+            "user_mode_only": U.user_mode_only(),
+        }
+
+    def detach(self, why: str) -> None:
+        """The agent is gone: keep running (or stopped) and wait on the adoption socket."""
+        with self.send_lock:
+            sock, self.sock = self.sock, None
+            self.gen += 1
+        if sock is not None:
+            sock.close()
+        if self.wp_uffd is not None:
+            self.dirty_log_stop()
+        self.agent_pid = None
+        try:
+            self.write_record()
+        except OSError as e:
+            self.log(f"cannot rewrite guest record {self.record_path}: {e.strerror}")
+        self.log(f"agent gone ({why}): {self.state}, waiting for adoption on {self.sock_path}")
+
+    def accept(self) -> None:
+        assert self.listener is not None
+        conn, _ = self.listener.accept()
+        pid, uid, _gid = _PEERCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        me = os.getpid()
+        if uid != os.geteuid():
+            self.refuse(
+                conn,
+                f"guest {self.name!r} pid {me}: refusing adoption by uid {uid} (pid {pid}); "
+                f"only uid {os.geteuid()} may adopt it",
+            )
+            return
+        if self.sock is not None and not hung_up(self.sock):
+            self.refuse(
+                conn,
+                f"guest {self.name!r} pid {me} is attached to agent pid {self.agent_pid}; "
+                "one agent at a time (that agent must exit or detach first)",
+            )
+            return
+        if self.sock is not None:
+            self.detach("its socket hung up while another agent connected")
+        set_buffers(conn)
+        conn.setblocking(True)
+        fds = [b.fd for b in self.blocks]
+        if self.postcopy_uffd is not None:
+            fds.append(self.postcopy_uffd)
+        data = ctl.encode(self.hello(adopted=True))
+        with self.send_lock:
+            try:
+                conn.sendmsg(
+                    [data],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, np.array(fds, np.int32).tobytes())],
+                )
+            except OSError as e:
+                conn.close()
+                self.log(f"adoption by pid {pid} failed sending hello: {e.strerror}")
+                return
+            self.sock = conn
+            self.gen += 1
+        self.agent_pid = pid
+        try:
+            self.write_record()
+        except OSError as e:
+            self.log(f"cannot rewrite guest record {self.record_path}: {e.strerror}")
+        self.log(f"adopted by agent pid {pid}")
+
+    def refuse(self, conn: socket.socket, reason: str) -> None:
+        try:
+            conn.send(ctl.encode({"event": "refused", "reason": reason}), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        conn.close()
+        self.log(reason)
 
     # -- messaging -----------------------------------------------------------
 
@@ -138,16 +310,19 @@ class GuestProcess:
     ) -> None:
         data = ctl.encode(msg)
         with self.send_lock:
+            sock = self.sock
+            if sock is None:
+                return  # detached: nobody to tell
             try:
                 if fds:
-                    self.sock.sendmsg(
+                    sock.sendmsg(
                         [data],
                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, np.array(fds, np.int32).tobytes())],
                     )
                 elif drop_if_busy:
-                    self.sock.send(data, socket.MSG_DONTWAIT)
+                    sock.send(data, socket.MSG_DONTWAIT)
                 else:
-                    self.sock.send(data)
+                    sock.send(data)
             except BlockingIOError:
                 pass  # a heartbeat nobody is reading: drop it
             except (BrokenPipeError, ConnectionResetError):
@@ -175,6 +350,7 @@ class GuestProcess:
             self.send(
                 {"event": "fatal", "reason": self.vcpu_error, "trace": traceback.format_exc()}
             )
+            self.remove_files()
             os._exit(EXIT_FATAL)
 
     def heartbeat_loop(self) -> None:
@@ -190,16 +366,16 @@ class GuestProcess:
                 return
             try:
                 result = self.run_job(job)
-                self.send({"event": "job_done", "job": job["id"], "ok": True, "result": result})
+                done = {"event": "job_done", "job": job["id"], "ok": True, "result": result}
             except Exception as e:
-                self.send(
-                    {
-                        "event": "job_done",
-                        "job": job["id"],
-                        "ok": False,
-                        "error": f"{type(e).__name__}: {e}",
-                    }
-                )
+                done = {
+                    "event": "job_done",
+                    "job": job["id"],
+                    "ok": False,
+                    "error": f"{type(e).__name__}: {e}",
+                }
+            if job.get("gen") == self.gen:  # else the agent that asked is gone
+                self.send(done)
 
     # -- state ---------------------------------------------------------------
 
@@ -439,6 +615,7 @@ class GuestProcess:
             self.postcopy_end()
             return {}
         if cmd == "job":
+            msg["gen"] = self.gen
             self.jobs.put(msg)
             return {"job": msg["id"]}
         if cmd == "log":
@@ -461,30 +638,37 @@ class GuestProcess:
             self.log(f"guest {self.name} started: workload {self.config['workload']}")
         else:
             self.log(f"guest {self.name} incoming ({self.mode})")
-        self.send(
-            {
-                "event": "hello",
-                "pid": os.getpid(),
-                "mappings": [
-                    {"name": m.name, "addr": m.addr, "size": len(m.array), "page_size": m.page_size}
-                    for m in self.mems
-                ],
-                "uffd": bool(fds),
-                "user_mode_only": U.user_mode_only(),
-            },
-            fds=fds,
-        )
+        self.write_record()
+        self.send(self.hello(adopted=False), fds=fds)
+        return self.control_loop()
+
+    def control_loop(self) -> int:
         buf = bytearray(ctl.MAX_MESSAGE)
         while True:
+            poll = select.poll()
+            sock, listener = self.sock, self.listener
+            if sock is not None:
+                poll.register(sock.fileno(), select.POLLIN)
+            if listener is not None:
+                poll.register(listener.fileno(), select.POLLIN)
+            ready = {fd for fd, _ev in poll.poll()}
+            if sock is None or sock.fileno() not in ready:
+                if listener is not None and listener.fileno() in ready:
+                    self.accept()
+                continue
             try:
-                n = self.sock.recv_into(buf)
+                n = sock.recv_into(buf)
             except ConnectionResetError:
                 n = 0
             if n == 0:
-                return 0  # the agent closed the socket: nobody can control us any more
+                if listener is None:
+                    return 0  # the agent closed the socket: nobody can control us any more
+                self.detach("control socket closed")
+                continue
             msg = ctl.decode(memoryview(buf)[:n])
             mid = msg.get("id")
             if msg.get("cmd") == "quit":
+                self.remove_files()
                 self.send({"id": mid, "ok": True, "result": {}})
                 return 0
             try:
@@ -530,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         rc = EXIT_FATAL
+    g.remove_files()
     # Daemon threads may be asleep on a missing page; leave without joining them.
     sys.stdout.flush()
     sys.stderr.flush()

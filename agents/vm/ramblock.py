@@ -102,6 +102,25 @@ class RamBlock:
             os.close(fd)
             raise
 
+    @classmethod
+    def from_fd(cls, name: str, size: int, page_size: int, fd: int) -> RamBlock:
+        """A block on an existing memfd (one received over SCM_RIGHTS when adopting a guest).
+
+        The block owns ``fd`` from here on (``close`` closes it), also when
+        mapping fails.  The memfd must be at least ``size`` bytes: a shorter
+        one would map, then SIGBUS on the first access past its end.
+        """
+        try:
+            have = os.fstat(fd).st_size
+            if have < size:
+                raise ValueError(
+                    f"ramblock {name!r}: memfd {fd} holds {have} bytes, the layout says {size}"
+                )
+            return cls(name, size, page_size, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
     def __repr__(self) -> str:
         return (
             f"RamBlock({self.name!r}, size={self.size}, page_size={self.page_size}, "

@@ -25,6 +25,7 @@ import numpy as np
 
 GIL_FREE_MIN = 513  # numpy releases the GIL for loops of more than 500 elements
 COUNTER_CHUNK = 520  # pages per step: just over the GIL threshold; ~30 µs clean, ~0.7 ms protected
+COUNTER_SLICE_S = 0.005  # a rate-limited counter walks about this long's worth of pages per step
 LATENCY_WINDOW = 1 << 16
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)(i?B?)?$", re.IGNORECASE)
@@ -44,13 +45,15 @@ class WorkloadSpec:
     """A parsed workload spec string."""
 
     kind: str
-    rate: int = 200 << 20  # bytes of pages touched per second (stress)
+    rate: int = 200 << 20  # bytes of pages touched per second (stress; counter: 0 = unlimited)
     wss: int = 0  # working-set bytes (stress); 0 = all RAM
     mode: str = "write"
     record: bool = False  # stress: remember which pages were written / what was read
     burst_us: int = 1000
 
     def __str__(self) -> str:
+        if self.kind == "counter" and self.rate:
+            return f"counter:rate={self.rate}"
         if self.kind != "stress":
             return self.kind
         parts = [f"rate={self.rate}", f"wss={self.wss}", f"mode={self.mode}"]
@@ -62,12 +65,26 @@ class WorkloadSpec:
 
 
 def parse_workload(text: str) -> WorkloadSpec:
-    """Parse "counter", "idle" or "stress:rate=200M,wss=512M,mode=write|read|rw[,record=1]"."""
+    """Parse "counter[:rate=64M]", "idle" or "stress:rate=200M,wss=512M,mode=write|read|rw[,record=1]".
+
+    A counter's rate (bytes of pages walked per second) lets a slow link
+    converge without throttling; without it the counter runs flat out.
+    """
     kind, _, rest = text.strip().partition(":")
-    if kind in ("counter", "idle"):
+    if kind == "idle":
         if rest:
-            raise ValueError(f"workload {text!r}: {kind} takes no parameters")
+            raise ValueError(f"workload {text!r}: idle takes no parameters")
         return WorkloadSpec(kind)
+    if kind == "counter":
+        spec = WorkloadSpec("counter", rate=0)
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if key != "rate" or not eq:
+                raise ValueError(f"workload {text!r}: counter takes only rate=BYTES_PER_SECOND")
+            spec.rate = parse_size(value, "counter rate")
+            if spec.rate <= 0:
+                raise ValueError(f"workload {text!r}: rate must be positive")
+        return spec
     if kind != "stress":
         raise ValueError(f"workload {text!r}: unknown kind {kind!r} (counter, stress:..., idle)")
     spec = WorkloadSpec("stress")
@@ -158,7 +175,13 @@ class Workload:
 
 
 class Counter(Workload):
-    """QEMU migration-test: walk every page in order, incrementing its first byte."""
+    """QEMU migration-test: walk every page in order, incrementing its first byte.
+
+    With a rate, each step is smaller (about COUNTER_SLICE_S of pages) and
+    followed by the wait that keeps the walk at that many bytes per second;
+    a guest far behind its schedule (stopped, throttled) does not burst to
+    catch up.
+    """
 
     kind = "counter"
     paced = False
@@ -168,12 +191,18 @@ class Counter(Workload):
         self.position = 0  # next global page to increment
         self.passes = 0
         self.pages = 0
+        self.chunk = COUNTER_CHUNK
+        if spec.rate:
+            self.paced = True
+            per_slice = spec.rate * COUNTER_SLICE_S / mems[0].page_size
+            self.chunk = max(1, min(COUNTER_CHUNK, round(per_slice)))
+        self.next_due = time.monotonic()
 
     def step(self) -> float:
         b = int(np.searchsorted(self.starts, self.position, side="right")) - 1
         mem = self.mems[b]
         p = self.position - int(self.starts[b])
-        n = min(COUNTER_CHUNK, mem.npages - p)
+        n = min(self.chunk, mem.npages - p)
         idx = np.arange(p, p + n, dtype=np.intp) * mem.page_size
         scatter(mem.array, idx, gather(mem.array, idx) + np.uint8(1))
         self.position += n
@@ -182,7 +211,13 @@ class Counter(Workload):
             self.position = 0
             self.passes += 1
         self.steps += 1
-        return 0.0
+        if not self.spec.rate:
+            return 0.0
+        now = time.monotonic()
+        self.next_due += n * mem.page_size / self.spec.rate
+        if self.next_due < now - 0.1:
+            self.next_due = now
+        return max(0.0, self.next_due - now)
 
     def stats(self) -> dict[str, Any]:
         b = int(np.searchsorted(self.starts, self.position, side="right")) - 1
