@@ -462,10 +462,19 @@ def run_command(proxy: FaultProxy, line: str) -> str:
     if not words:
         return f"error: empty command; commands: {COMMANDS}"
     verb, rest = words[0].lower(), words[1:]
+
+    def blackhole() -> str:
+        proxy.blackhole()
+        return "ok blackhole"
+
+    def heal() -> str:
+        proxy.heal()
+        return "ok heal"
+
     actions: dict[str, Callable[[], str]] = {
         "cut": lambda: f"ok cut {proxy.cut()} connection(s)",
-        "blackhole": lambda: (proxy.blackhole(), "ok blackhole")[1],
-        "heal": lambda: (proxy.heal(), "ok heal")[1],
+        "blackhole": blackhole,
+        "heal": heal,
         "status": lambda: json.dumps(proxy.status()),
     }
     try:
