@@ -183,6 +183,14 @@ def _bool_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts.astype(np.int64), (np.flatnonzero(edges == -1) - starts).astype(np.int64)
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) nursery exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
+        exc = (inner or list(exc.exceptions))[0]
+    return exc
+
+
 def _chunk_pages(page_size: int) -> int:
     return max(1, CHUNK_BYTES // page_size)
 
@@ -551,8 +559,11 @@ async def save_guest(
                     await guest.cont()
                 except Exception as e:
                     log.warning("resuming %s after a failed save failed: %s", guest.spec.name, e)
-        if state is not None and isinstance(exc, Exception) and not is_terminal(state.status):
-            state.fail(str(exc) or type(exc).__name__)
+        leaf = _leaf(exc)
+        if state is not None and isinstance(leaf, Exception) and not is_terminal(state.status):
+            state.fail(str(leaf) or type(leaf).__name__)
+        if leaf is not exc and isinstance(leaf, Exception):
+            raise leaf from None  # a writer thread's error, not the nursery's group
         raise
     finally:
         out.close()
@@ -913,10 +924,10 @@ async def restore_guest(
         progress.set_status(S.ACTIVE)
         placer = guest.placer()
         fault_buf = memoryview(mmap.mmap(-1, max(FAULT_WINDOW_BYTES, blocks[0].page_size)))
+        progress.set_status(S.POSTCOPY_DEVICE)
+        await guest.load_devices(saved.sections)  # vCPUs still parked: no RAM touched yet
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_serve_faults, reader, placer, fault_buf, state)
-            progress.set_status(S.POSTCOPY_DEVICE)
-            await guest.load_devices(saved.sections)
             if autostart:
                 await guest.cont()
             marks["running"] = time.monotonic() - t0
@@ -940,8 +951,11 @@ async def restore_guest(
                     guest.close()
             for b in blocks:
                 b.close()
-        if state is not None and isinstance(exc, Exception) and not is_terminal(state.status):
-            state.fail(str(exc) or type(exc).__name__)
+        leaf = _leaf(exc)
+        if state is not None and isinstance(leaf, Exception) and not is_terminal(state.status):
+            state.fail(str(leaf) or type(leaf).__name__)
+        if leaf is not exc and isinstance(leaf, Exception):
+            raise leaf from None  # the reader/spawn nursery's group hides what went wrong
         raise
     finally:
         if reader is not None:

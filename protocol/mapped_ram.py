@@ -516,6 +516,20 @@ def decode_header(data: bytes, *, source: str = "mapped-ram file") -> FileLayout
 
 def validate_layout(layout: FileLayout, file_size: int, *, source: str = "mapped-ram file") -> None:
     """Offsets aligned, in order, not overlapping, inside the file; a complete file is exactly its size."""
+    if layout.complete:
+        if file_size != layout.file_size:
+            what = "truncated" if file_size < layout.file_size else "longer than its layout"
+            raise MappedRamError(
+                source,
+                min(file_size, layout.file_size),
+                f"file is {file_size} bytes, header says {layout.file_size}: {what}",
+            )
+    elif file_size < layout.tail_offset:
+        raise MappedRamError(
+            source,
+            file_size,
+            f"file is {file_size} bytes, shorter than its RAM layout ({layout.tail_offset})",
+        )
     entry = HEADER_FIXED_SIZE
     prev_end = layout.header_size
     for b in layout.blocks:
@@ -534,6 +548,13 @@ def validate_layout(layout: FileLayout, file_size: int, *, source: str = "mapped
                 f"{where}: pages_offset {b.pages_offset}, expected a multiple of {layout.alignment} "
                 f"at or after the bitmap's end {b.bitmap_offset + b.bitmap_size}",
             )
+        if b.pages_end > layout.tail_offset:
+            raise MappedRamError(
+                source,
+                entry + 288,
+                f"{where}: pages_offset {b.pages_offset}: its pages [{b.pages_offset}, {b.pages_end}) "
+                f"run past the device tail at {layout.tail_offset}; expected them before it",
+            )
         prev_end = b.pages_end
         entry += BLOCK_ENTRY_SIZE
     if layout.tail_offset % HEADER_ALIGN or layout.tail_offset < prev_end:
@@ -542,20 +563,6 @@ def validate_layout(layout: FileLayout, file_size: int, *, source: str = "mapped
             32,
             f"tail_offset {layout.tail_offset}, expected a multiple of {HEADER_ALIGN} at or after "
             f"the last pages region's end {prev_end}",
-        )
-    if layout.complete:
-        if file_size != layout.file_size:
-            what = "truncated" if file_size < layout.file_size else "longer than its layout"
-            raise MappedRamError(
-                source,
-                min(file_size, layout.file_size),
-                f"file is {file_size} bytes, header says {layout.file_size}: {what}",
-            )
-    elif file_size < layout.tail_offset:
-        raise MappedRamError(
-            source,
-            file_size,
-            f"file is {file_size} bytes, shorter than its RAM layout ({layout.tail_offset})",
         )
 
 

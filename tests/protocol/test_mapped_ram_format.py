@@ -211,8 +211,14 @@ def test_validate_refuses_offsets_out_of_place() -> None:
     ):
         validate_layout(overlap, layout.file_size, source=SRC)
     early_tail = replace(layout, tail_offset=layout.ram_end - 4096)
-    with pytest.raises(MappedRamError, match=r"at byte 32: tail_offset"):
+    huge_entry = HEADER_FIXED_SIZE + 2 * BLOCK_ENTRY_SIZE + 288
+    with pytest.raises(
+        MappedRamError, match=rf"at byte {huge_entry}: block 'huge': .* run past the device tail"
+    ):
         validate_layout(early_tail, early_tail.file_size, source=SRC)
+    odd_tail = replace(layout, tail_offset=layout.ram_end + 1)
+    with pytest.raises(MappedRamError, match=r"at byte 32: tail_offset \d+, expected a multiple"):
+        validate_layout(odd_tail, odd_tail.file_size, source=SRC)
 
 
 def test_validate_refuses_truncated_and_overlong_files() -> None:
