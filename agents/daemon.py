@@ -154,6 +154,11 @@ class Agent:
         self.incoming: dict[bytes, IncomingMigration] = {}
         self.listen_port: int | None = None
         self.incoming_autostart = True
+        self.extra_listeners: set[tuple[str, int]] = set()
+        self.test_hooks: dict[str, Any] = {}
+        """Faults tests inject on purpose (never reachable from the control socket):
+        ``fail-device-load`` makes device loading fail; ``drop-page`` = (block, page)
+        loses that page after it arrives, so tests can show verification catches it."""
         """migrate-incoming autostart=false leaves arriving guests paused (QEMU's -S)."""
         self.control_tls_port: int | None = None
         self._nursery: trio.Nursery | None = None
@@ -456,7 +461,10 @@ class Agent:
         uri = parse_uri(args["uri"])
         if args.get("resume"):
             self._check_allowed(entry, "migrate-resume", Role.SOURCE)
-            raise QmpError("postcopy recovery is not implemented yet")
+            assert isinstance(entry.migration, OutgoingMigration)
+            self.transport.check_uri(uri)
+            entry.migration.resume(uri)
+            return {}
         self._check_allowed(entry, "migrate", Role.SOURCE)
         self._running_guest(entry)
         if uri.scheme == "file":
@@ -467,6 +475,51 @@ class Agent:
         assert self._nursery is not None
         self._nursery.start_soon(mig.run)
         return {}
+
+    async def qmp_migrate_start_postcopy(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        self._check_allowed(entry, "migrate-start-postcopy", Role.SOURCE)
+        assert isinstance(entry.migration, OutgoingMigration)
+        entry.migration.start_postcopy()
+        return {}
+
+    async def qmp_migrate_pause(self, args: dict[str, Any]) -> Any:
+        entry = self.entry(args)
+        mig = entry.migration
+        if mig is None:
+            raise QmpError(f"guest '{entry.name}' is not migrating")
+        self._check_allowed(entry, "migrate-pause", mig.state.role)
+        mig.pause()
+        return {}
+
+    async def qmp_migrate_recover(self, args: dict[str, Any]) -> Any:
+        """Destination: accept the source's resume channels (on a new address if asked)."""
+        entry = self.entry(args)
+        self._check_allowed(entry, "migrate-recover", Role.DESTINATION)
+        mig = entry.migration
+        assert isinstance(mig, IncomingMigration)
+        uri = parse_uri(args["uri"])
+        self.transport.check_uri(uri)
+        await self.ensure_listener(uri.host, uri.port)
+        mig.arm_recovery()
+        return {}
+
+    async def ensure_listener(self, host: str, port: int) -> None:
+        """Listen for migrations on host:port too, unless the agent already does there."""
+        if self.config.listen:
+            own_host, _own_port = split_host_port(self.config.listen)
+            if port == self.listen_port and own_host in (host, "0.0.0.0", "::", ""):
+                return
+        if (host, port) in self.extra_listeners:
+            return
+        assert self._nursery is not None
+        try:
+            await self._nursery.start(
+                serve_migrations, self.transport, host, port, self._on_channel
+            )
+        except OSError as exc:
+            raise QmpError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        self.extra_listeners.add((host, port))
 
     async def qmp_migrate_incoming(self, args: dict[str, Any]) -> Any:
         if self.listen_port is None:

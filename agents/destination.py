@@ -2,22 +2,31 @@
 
 An :class:`IncomingMigration` begins when a main channel says HELLO with a
 migration id the agent has not seen.  It reads CONFIG, makes the RAM blocks
-(memfd) and starts the guest process *incoming* (vCPUs not running), then
-applies what main carries: pages (pwrite/mapped writes in precopy), device
-sections, VMDESC, and COMPLETE, upon which it loads the devices, starts the
-vCPUs and says SHUT on the return path — the source's signal that it may
-let its own copy go.  The return channel is attached by the listener when
-it arrives (same migration id).
+(memfd) and starts the guest process *incoming* (vCPUs not running; with
+``postcopy-ram`` its RAM is registered MISSING with userfaultfd from the
+start), then applies what main carries:
 
-On any failure before the guest runs here, the incoming guest and its memory
-are destroyed — the source still has the whole guest — and the source is
-told why with an ERROR frame.  Nothing is left behind: no guest process, no
-memfd, no channel.
+* precopy: pages written into the memfds, device sections, VMDESC, and
+  COMPLETE — load the devices, start the vCPUs, say SHUT on the return path
+  (the source may let its copy go);
+* postcopy: DISCARD (punch the stale pages out), LISTEN (from now on pages
+  are placed with UFFDIO_COPY, and the fault service asks for what the guest
+  touches), RUN (load the devices, start the vCPUs, POSTCOPY_RUN_ACK), then
+  pages on main and preempt until COMPLETE and nothing is missing —
+  unregister, SHUT, done.
+
+Failures before the guest runs here destroy the incoming guest (the source
+still has all of it) and tell the source why with an ERROR frame.  In
+postcopy, a broken or hung link *pauses*: channels close, the guest keeps
+its memory and blocks on what is missing, requests stay pending, and
+``migrate-recover`` + the source's resume bring it back (RECV_BITMAP,
+RESUME/RESUME_ACK, pending requests re-sent).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -27,12 +36,22 @@ from protocol.messages import (
     Complete,
     Config,
     DeviceState,
+    Discard,
     Hello,
     PageBatch,
     Pages,
     PassEnd,
     Ping,
     Pong,
+    PostcopyAdvise,
+    PostcopyListen,
+    PostcopyRun,
+    PostcopyRunAck,
+    RecvBitmap,
+    RecvBitmapRequest,
+    ReqPages,
+    Resume,
+    ResumeAck,
     Shut,
     SwitchoverStart,
     Vmdesc,
@@ -44,8 +63,9 @@ from protocol.states import MigrationStatus, Role, is_terminal
 from . import savevm
 from .channel import Channel
 from .migration import MigrationState
+from .postcopy import FaultService
 from .ram import RamReceiver
-from .source import EXPECTED_ERRORS, first_error
+from .source import EXPECTED_ERRORS, PausePostcopy, first_error
 from .vm.devices import DeviceSection
 
 if TYPE_CHECKING:
@@ -56,17 +76,23 @@ log = logging.getLogger("godwit.destination")
 S = MigrationStatus
 
 CONFIG_TIMEOUT = 30.0
-RETURN_PATH_TIMEOUT = 30.0
+CHANNEL_TIMEOUT = 30.0
+RECOVER_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 60.0
+
+PAGE_MESSAGES = (Pages, PageBatch, Zero, ZeroBatch)
 
 
 class IncomingMigration:
     def __init__(self, agent: Agent, hello: Hello, main: Channel, peer: str) -> None:
         self.agent = agent
         self.hello = hello
-        self.main = main
+        self.main: Channel | None = main
         self.peer = peer
         self.ret: Channel | None = None
+        self.preempt: Channel | None = None
         self.return_attached = trio.Event()
+        self.preempt_attached = trio.Event()
         self.state = MigrationState(Role.DESTINATION, "?", agent.events, hello.migration_id)
         self.state.channels["main"] = main.stats
         self.state.uri = f"from {peer}"
@@ -76,19 +102,66 @@ class IncomingMigration:
         self.sections: list[DeviceSection] = []
         self.vmdesc: dict[str, Any] | None = None
         self.guest_running = False
+        self.faults: FaultService | None = None
+        self.complete_seen = False
+        self.postcopy_done = trio.Event()
+        self.pause_requested = trio.Event()
+        self.recover_armed = False
+        self.recovery_started = trio.Event()
+        self.fault_scope = trio.CancelScope()
+        self.fault_task_done = trio.Event()
         self.cancel_scope = trio.CancelScope()
+        self.nursery: trio.Nursery | None = None
+        self._last_pong = 0.0
         self.done = trio.Event()
 
+    # -- channels arriving through the listener ------------------------------------
+
     def attach(self, hello: Hello, channel: Channel) -> str | None:
-        """A secondary channel arrived for this migration; returns a refusal reason or None."""
-        if hello.channel.value == "return":
-            if self.ret is not None:
+        """A further channel for this migration; returns a refusal reason, or None."""
+        kind = hello.channel.value
+        st = self.state
+        if hello.resume:
+            if st.status not in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
+                return f"resume channel refused: migration is {st.status}, not postcopy-paused"
+            if not self.recover_armed:
+                return "resume channel refused: run migrate-recover on the destination first"
+            if kind == "main":
+                self.main = channel
+                st.channels["main"] = channel.stats
+                if st.status == S.POSTCOPY_PAUSED:
+                    st.set_status(S.POSTCOPY_RECOVER)
+                self.recovery_started.set()
+                return None
+        if kind == "return":
+            if self.ret is not None and not self.ret.closed:
                 return "this migration already has a return path"
             self.ret = channel
-            self.state.channels["return"] = channel.stats
+            st.channels["return"] = channel.stats
             self.return_attached.set()
             return None
-        return f"channel kind {hello.channel.value} is not supported in this migration"
+        if kind == "preempt":
+            if self.preempt is not None and not self.preempt.closed:
+                return "this migration already has a preempt channel"
+            self.preempt = channel
+            st.channels["preempt"] = channel.stats
+            self.preempt_attached.set()
+            return None
+        return f"channel kind {kind} is not supported in this migration"
+
+    # -- control (from QMP handlers) --------------------------------------------------
+
+    def pause(self) -> None:
+        self.pause_requested.set()
+
+    def arm_recovery(self) -> None:
+        if self.state.status != S.POSTCOPY_PAUSED:
+            raise ValueError(
+                f"migrate-recover: migration is {self.state.status}, not postcopy-paused"
+            )
+        self.recover_armed = True
+
+    # -- the task ------------------------------------------------------------
 
     def _guest(self) -> Guest:
         assert self.entry is not None and self.entry.guest is not None, (
@@ -99,9 +172,14 @@ class IncomingMigration:
     async def run(self) -> None:
         try:
             with self.cancel_scope:
-                self.state.set_status(S.SETUP)
-                await self._setup()
-                await self._load()
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    self.state.set_status(S.SETUP)
+                    await self._setup()
+                    await self._load()
+                    if self.state.status == S.POSTCOPY_ACTIVE:
+                        await self._postcopy()
+                    nursery.cancel_scope.cancel()
         except Exception as exc:
             leaf = first_error(exc)
             if not isinstance(leaf, EXPECTED_ERRORS):
@@ -112,6 +190,7 @@ class IncomingMigration:
                 await self._finish()
 
     async def _setup(self) -> None:
+        assert self.main is not None
         with trio.fail_after(CONFIG_TIMEOUT):
             config = await self.main.receive()
         if not isinstance(config, Config):
@@ -120,33 +199,49 @@ class IncomingMigration:
             )
         self.config = config
         self.entry = await self.agent.create_incoming_guest(self, config)
-        self.state.guest = self.entry.name
+        st = self.state
+        st.guest = self.entry.name
+        st.postcopy_enabled = bool(config.capabilities.get("postcopy-ram"))
         self.ram = RamReceiver(self._guest().blocks)
-        self.state.ram.page_size = config.ramblocks[0].page_size if config.ramblocks else 4096
-        self.state.ram.total = sum(b.size for b in config.ramblocks)
-        self.state.set_status(S.ACTIVE)
-        with trio.fail_after(RETURN_PATH_TIMEOUT):
+        st.ram.page_size = config.ramblocks[0].page_size if config.ramblocks else 4096
+        st.ram.total = sum(b.size for b in config.ramblocks)
+        st.set_status(S.ACTIVE)
+        with trio.fail_after(CHANNEL_TIMEOUT):
             await self.return_attached.wait()
 
+    def _apply(self, msg: Any) -> None:
+        """Apply a page-carrying message (precopy writes, postcopy placement)."""
+        assert self.ram is not None
+        ram, stats = self.ram, self.state.ram
+        if isinstance(msg, Pages):
+            ram.apply_pages(msg)
+            stats.normal += msg.count
+            stats.transferred += msg.count * stats.page_size
+        elif isinstance(msg, PageBatch):
+            ram.apply_page_batch(msg)
+            stats.normal += len(msg.pages)
+            stats.transferred += len(msg.pages) * stats.page_size
+        elif isinstance(msg, Zero):
+            ram.apply_zero(msg)
+            stats.duplicate += msg.count
+        else:
+            ram.apply_zero_batch(msg)
+            stats.duplicate += len(msg.pages)
+        if self.state.status == S.POSTCOPY_ACTIVE:
+            stats.postcopy_bytes = stats.transferred
+        drop = self.agent.test_hooks.get("drop-page")
+        if drop is not None and ram.placer is None and ram.received[drop[0]].test(drop[1]):
+            ram.blocks[drop[0]].discard(drop[1], 1)  # lost, yet marked received
+            del self.agent.test_hooks["drop-page"]
+
     async def _load(self) -> None:
-        assert self.ram is not None and self.entry is not None
-        st, ram = self.state, self.ram
+        """Everything on main up to COMPLETE (precopy) or RUN (postcopy)."""
+        assert self.ram is not None and self.main is not None
+        st = self.state
         while True:
             msg = await self.main.receive()
-            if isinstance(msg, Pages):
-                ram.apply_pages(msg)
-                st.ram.normal += msg.count
-                st.ram.transferred += msg.count * st.ram.page_size
-            elif isinstance(msg, PageBatch):
-                ram.apply_page_batch(msg)
-                st.ram.normal += len(msg.pages)
-                st.ram.transferred += len(msg.pages) * st.ram.page_size
-            elif isinstance(msg, Zero):
-                ram.apply_zero(msg)
-                st.ram.duplicate += msg.count
-            elif isinstance(msg, ZeroBatch):
-                ram.apply_zero_batch(msg)
-                st.ram.duplicate += len(msg.pages)
+            if isinstance(msg, PAGE_MESSAGES):
+                self._apply(msg)
             elif isinstance(msg, PassEnd):
                 st.ram.dirty_sync_count = msg.pass_no
             elif isinstance(msg, SwitchoverStart):
@@ -158,6 +253,15 @@ class IncomingMigration:
             elif isinstance(msg, Ping):
                 assert self.ret is not None
                 await self.ret.send(Pong(msg.seq, msg.sent_ns))
+            elif isinstance(msg, PostcopyAdvise):
+                self._check_advise(msg)
+            elif isinstance(msg, Discard):
+                self.ram.apply_discard(msg)
+            elif isinstance(msg, PostcopyListen):
+                await self._listen()
+            elif isinstance(msg, PostcopyRun):
+                await self._run_guest()
+                return
             elif isinstance(msg, Complete):
                 await self._complete()
                 return
@@ -166,14 +270,38 @@ class IncomingMigration:
                     f"unexpected {type(msg).__name__} on main in state {st.status}", channel="main"
                 )
 
+    def _check_advise(self, msg: PostcopyAdvise) -> None:
+        ours = tuple(b.page_size for b in self._guest().blocks)
+        if tuple(msg.page_sizes) != ours:
+            raise ValueError(
+                f"POSTCOPY_ADVISE page sizes {msg.page_sizes} differ from this guest's {ours}"
+            )
+        if self._guest().uffd is None:
+            raise ValueError(
+                "postcopy advised but the incoming guest has no userfaultfd registration"
+            )
+
     async def _complete(self) -> None:
         assert self.ram is not None and self.entry is not None and self.ret is not None
         if not self.ram.complete():
-            missing = sum(r.npages - r.count() for r in self.ram.received)
-            raise ProtocolError(f"COMPLETE with {missing} pages never received", channel="main")
+            raise ProtocolError(
+                f"COMPLETE with {self.ram.missing()} pages never received", channel="main"
+            )
         if self.vmdesc is not None:
             savevm.check_vmdesc(self.vmdesc, self._guest().blocks, self.sections)
+        if self.state.postcopy_enabled:
+            # Registered for postcopy that never came: every page is here, let go of the uffd.
+            await self._guest().postcopy_end()
+        await self._start_guest()
+        await self.ret.send(Shut("completed"))
+        self.state.ram.remaining = 0
+        self.state.set_status(S.COMPLETED)
+
+    async def _start_guest(self) -> None:
         guest = self._guest()
+        assert self.entry is not None
+        if self.agent.test_hooks.get("fail-device-load"):
+            raise ValueError("loading device state failed (test hook fail-device-load)")
         await guest.load_devices(self.sections)
         self.guest_running = True  # from here on the guest is ours to keep, running or not
         if self.agent.incoming_autostart:
@@ -182,25 +310,226 @@ class IncomingMigration:
             self.agent.events.emit("RESUME", {"guest": self.entry.name})
         else:
             self.entry.status = "paused"
+
+    # -- postcopy --------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """POSTCOPY_LISTEN: place pages atomically from now on and serve the guest's faults."""
+        assert self.ram is not None and self.nursery is not None
+        st = self.state
+        st.set_status(S.POSTCOPY_DEVICE)
+        if self.config is not None and self.config.capabilities.get("postcopy-preempt"):
+            with trio.fail_after(CHANNEL_TIMEOUT):
+                await self.preempt_attached.wait()
+        placer = self._guest().placer()
+        self.faults = FaultService(placer, self.ram.received, st.postcopy)
+        self.ram.placer = placer
+        self.ram.on_arrival = self._arrived
+        self.nursery.start_soon(self._fault_task)
+
+    async def _fault_task(self) -> None:
+        assert self.faults is not None
+        try:
+            with self.fault_scope:
+                await self.faults.run(self._request)
+        finally:
+            self.fault_task_done.set()
+
+    async def _stop_fault_service(self) -> None:
+        """Cancel the fault task and wait for it, so the uffd can be closed safely."""
+        self.fault_scope.cancel()
+        if self.faults is not None:
+            await self.fault_task_done.wait()
+
+    async def _request(self, req: ReqPages) -> None:
+        if self.ret is None or self.ret.closed:
+            raise trio.ClosedResourceError("no return path")
+        await self.ret.send(req)
+
+    def _arrived(self, block: int, pages: Any) -> None:
+        assert self.faults is not None and self.ram is not None
+        self.faults.arrived(block, pages)
+        if self.complete_seen and not self.postcopy_done.is_set() and self.ram.missing() == 0:
+            self.postcopy_done.set()
+
+    async def _run_guest(self) -> None:
+        """POSTCOPY_RUN: the guest runs here from now on, with pages still missing."""
+        assert self.ret is not None
+        await self._start_guest()
+        await self.ret.send(PostcopyRunAck())
+        self.state.set_status(S.POSTCOPY_ACTIVE)
+
+    async def _postcopy(self) -> None:
+        st = self.state
+        while True:
+            try:
+                await self._postcopy_round()
+                break
+            except Exception as exc:
+                leaf = first_error(exc)
+                if not isinstance(leaf, (*EXPECTED_ERRORS, PausePostcopy)):
+                    log.error("postcopy of %s: unexpected error, pausing", st.guest, exc_info=leaf)
+                await self._pause(str(leaf) or leaf.__class__.__name__)
+            await self._recover()
+        await self._stop_fault_service()
+        await self._guest().postcopy_end()
+        assert self.ret is not None and self.ram is not None
+        self.ram.placer = None
         await self.ret.send(Shut("completed"))
-        self.state.ram.remaining = 0
-        self.state.set_status(S.COMPLETED)
+        st.ram.remaining = 0
+        st.set_status(S.COMPLETED)
+
+    async def _postcopy_round(self) -> None:
+        assert self.main is not None and self.ram is not None
+        self._last_pong = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._postcopy_reader, self.main)
+            if self.preempt is not None:
+                nursery.start_soon(self._postcopy_reader, self.preempt)
+            nursery.start_soon(self._keepalive)
+            nursery.start_soon(self._watch_pause)
+            if self.complete_seen and self.ram.missing() == 0:
+                self.postcopy_done.set()
+            await self.postcopy_done.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _postcopy_reader(self, channel: Channel) -> None:
+        assert self.ram is not None
+        while True:
+            msg = await channel.receive()
+            if isinstance(msg, PAGE_MESSAGES):
+                self._apply(msg)
+            elif isinstance(msg, Ping):
+                assert self.ret is not None
+                await self.ret.send(Pong(msg.seq, msg.sent_ns))
+            elif isinstance(msg, Pong):
+                self._last_pong = time.monotonic()
+            elif isinstance(msg, Complete):
+                self.complete_seen = True
+                if self.ram.missing() == 0:
+                    self.postcopy_done.set()
+                else:
+                    log.info(
+                        "COMPLETE with %d pages still in flight on other channels",
+                        self.ram.missing(),
+                    )
+            else:
+                raise ProtocolError(
+                    f"unexpected {type(msg).__name__} in postcopy", channel=channel.name
+                )
+
+    async def _keepalive(self) -> None:
+        """PING on the return path; a PONG missing for three intervals means the link hangs."""
+        assert self.config is not None
+        interval = int(self.config.parameters.get("keepalive-ms", 2000)) / 1000
+        if interval <= 0:
+            await trio.sleep_forever()
+        seq = 0
+        while True:
+            await trio.sleep(interval)
+            if time.monotonic() - self._last_pong > 3 * interval:
+                raise PausePostcopy(f"no PONG from the source for {3 * interval:.1f} s: link hung")
+            seq += 1
+            assert self.ret is not None
+            with trio.move_on_after(interval):
+                await self.ret.send(Ping(seq, time.monotonic_ns()))
+
+    async def _watch_pause(self) -> None:
+        await self.pause_requested.wait()
+        raise PausePostcopy("paused by migrate-pause")
+
+    async def _close_channels(self) -> None:
+        for channel in (self.main, self.ret, self.preempt):
+            if channel is not None:
+                await channel.aclose()
+
+    async def _pause(self, reason: str) -> None:
+        st = self.state
+        log.warning("postcopy of %s paused: %s", st.guest, reason)
+        st.error_desc = f"paused: {reason}"
+        if self.faults is not None:
+            self.faults.link_down.set()
+        await self._close_channels()
+        self.pause_requested = trio.Event()
+        self.recover_armed = False
+        self.recovery_started = trio.Event()
+        self.return_attached = trio.Event()
+        self.preempt_attached = trio.Event()
+        st.set_status(S.POSTCOPY_PAUSED)
+
+    async def _recover(self) -> None:
+        """Wait for migrate-recover + the source's resume channels, then reconcile."""
+        st = self.state
+        while True:
+            await self.recovery_started.wait()
+            try:
+                with trio.fail_after(RECOVER_TIMEOUT):
+                    await self._recover_handshake()
+            except Exception as exc:
+                leaf = first_error(exc)
+                log.warning("recovery of %s failed: %s", st.guest, leaf)
+                await self._close_channels()
+                st.error_desc = f"recovery failed: {leaf}"
+                self.recovery_started = trio.Event()
+                self.return_attached = trio.Event()
+                self.preempt_attached = trio.Event()
+                if st.status != S.POSTCOPY_PAUSED:
+                    st.set_status(S.POSTCOPY_PAUSED)
+                continue
+            st.recoveries += 1
+            st.error_desc = None
+            self.recover_armed = False
+            st.set_status(S.POSTCOPY_ACTIVE)
+            return
+
+    async def _recover_handshake(self) -> None:
+        assert self.ram is not None and self.faults is not None and self.config is not None
+        await self.return_attached.wait()
+        assert self.main is not None and self.ret is not None
+        while True:
+            msg = await self.main.receive()
+            if isinstance(msg, RecvBitmapRequest):
+                if not 0 <= msg.block < len(self.ram.received):
+                    raise ProtocolError(
+                        f"RECV_BITMAP_REQUEST for block {msg.block} of {len(self.ram.received)}",
+                        channel="main",
+                    )
+                await self.ret.send(RecvBitmap(msg.block, self.ram.received[msg.block].copy()))
+            elif isinstance(msg, Resume):
+                break
+            else:
+                raise ProtocolError(
+                    f"unexpected {type(msg).__name__} during recovery", channel="main"
+                )
+        if self.config.capabilities.get("postcopy-preempt"):
+            await self.preempt_attached.wait()
+        await self.ret.send(ResumeAck())
+        self.complete_seen = False
+        resent = await self.faults.resend_pending(self._request)
+        log.info("recovered %s: %d page requests sent again", self.state.guest, resent)
+
+    # -- endings -------------------------------------------------------------
 
     async def _failed(self, desc: str) -> None:
         st = self.state
         log.warning("incoming migration %s from %s failed: %s", st.guest, self.peer, desc)
+        if st.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
+            st.error_desc = f"postcopy stays paused after an internal error: {desc}"
+            if st.status == S.POSTCOPY_ACTIVE:
+                st.set_status(S.POSTCOPY_PAUSED)
+            return
         if not is_terminal(st.status):
             st.error_desc = desc
             if st.status == S.NONE:
                 st.set_status(S.SETUP)
             st.set_status(S.FAILED)
-        for channel in (self.main, self.ret):
+        for channel in (self.main, self.ret, self.preempt):
             if channel is not None and not channel.closed:
                 await channel.send_error("failed", desc)
 
     async def _finish(self) -> None:
         with trio.move_on_after(10):
-            for channel in (self.main, self.ret):
+            for channel in (self.main, self.ret, self.preempt):
                 if channel is not None:
                     await channel.aclose()
             if not self.guest_running and self.entry is not None:

@@ -25,24 +25,31 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import trio
 
 from protocol.bitmap import PageBitmap
-from protocol.messages import PageBatch, Pages, Zero, ZeroBatch
+from protocol.messages import Discard, PageBatch, Pages, Zero, ZeroBatch
 
 from .migration import RamStats
 from .vm.ramblock import RamBlock, zero_page_mask
 
-BATCH_PAGES = 256
-"""Pages per frame: 1 MiB of 4 KiB pages — large enough for TLS and syscall
-efficiency, small enough that a postcopy request waits behind at most one."""
+BATCH_BYTES = 1 << 20
+"""Bytes per frame: 256 pages of 4 KiB — large enough for TLS and syscall
+efficiency, small enough that a postcopy request on main waits behind at most
+one.  A 2 MiB huge page is always sent whole (it can only be placed whole)."""
+
+
+def batch_pages(page_size: int) -> int:
+    return max(1, BATCH_BYTES // page_size)
+
 
 MAX_RUNS_PER_BATCH = 4
 """More zero/data runs than this in one batch and it is sent gathered instead."""
 
-SendFn = Callable[[object], Awaitable[int]]
+SendFn = Callable[[Any], Awaitable[int]]
 
 
 class RateLimiter:
@@ -183,7 +190,7 @@ class RamSender:
             if max_pages is not None:
                 pages = pages[: max(0, max_pages - done)]
             bitmap.clear_indices(pages)
-            for batch in _batches(pages, BATCH_PAGES):
+            for batch in _batches(pages, batch_pages(self.blocks[index].page_size)):
                 nbytes = await self.send_batch(send, index, batch, phase)
                 await self.limiter.consume(nbytes)
                 done += len(batch)
@@ -194,6 +201,48 @@ class RamSender:
                 break
         self.update_remaining()
         return done
+
+    async def send_background(
+        self, send: SendFn, *, checkpoint: Callable[[], Awaitable[None]] | None = None
+    ) -> int:
+        """Postcopy: stream every page still in ``to_send``.
+
+        The bitmap is re-read for every batch, so pages a request already
+        delivered (cleared by :meth:`send_requested`) are not sent twice.
+        """
+        done = 0
+        for index, bitmap in enumerate(self.to_send):
+            size = batch_pages(self.blocks[index].page_size)
+            cursor: int | None = bitmap.next_set(0)
+            while cursor is not None:
+                window = np.arange(cursor, min(cursor + size, bitmap.npages))
+                pages = window[bitmap.test_indices(window)].astype(np.uint64)
+                bitmap.clear_indices(pages)
+                nbytes = await self.send_batch(send, index, pages, "postcopy")
+                await self.limiter.consume(nbytes)
+                done += len(pages)
+                self.update_remaining()
+                if checkpoint is not None:
+                    await checkpoint()
+                end = int(window[-1]) + 1
+                cursor = bitmap.next_set(end) if end < bitmap.npages else None
+        return done
+
+    async def send_requested(
+        self, send: SendFn, block_index: int, first: int, count: int, request_id: int
+    ) -> int:
+        """Serve a page request at once (on preempt when it exists)."""
+        block = self.blocks[block_index]
+        if first < 0 or count <= 0 or first + count > block.npages:
+            raise ValueError(
+                f"page request {first}+{count} outside RAM block {block.name} ({block.npages} pages)"
+            )
+        self.to_send[block_index].clear_range(first, count)
+        pages = np.arange(first, first + count, dtype=np.uint64)
+        self.stats.postcopy_requests += 1
+        nbytes = await self.send_batch(send, block_index, pages, "postcopy", request_id)
+        self.update_remaining()
+        return nbytes
 
     async def send_batch(
         self, send: SendFn, block_index: int, batch: np.ndarray, phase: str, request_id: int = 0
@@ -257,6 +306,25 @@ class RamReceiver:
     def __init__(self, blocks: Sequence[RamBlock]) -> None:
         self.blocks = list(blocks)
         self.received = [PageBitmap(b.npages) for b in self.blocks]
+        self.placer: Any = None
+        """Set at POSTCOPY_LISTEN: from then on pages are placed atomically with
+        UFFDIO_COPY (which also wakes a vCPU waiting on them), never written."""
+        self.on_arrival: Callable[[int, np.ndarray], None] | None = None
+
+    def _arrived(self, block: int, pages: np.ndarray) -> None:
+        if self.on_arrival is not None:
+            self.on_arrival(block, pages)
+
+    def apply_discard(self, msg: Discard) -> None:
+        """Drop pages re-dirtied after they were sent: they must fault again."""
+        block = self.block(msg.block)
+        ranges = msg.ranges.astype(np.int64)
+        ends = ranges[:, 0] + ranges[:, 1]
+        if len(ranges) and (ends.max() > block.npages):
+            raise ValueError(f"DISCARD for {block.name}: a range ends past page {block.npages}")
+        for first, count in ranges.tolist():
+            block.discard(first, count)
+        self.received[msg.block].clear_runs(ranges[:, 0], ranges[:, 1])
 
     def block(self, index: int) -> RamBlock:
         if not 0 <= index < len(self.blocks):
@@ -276,8 +344,12 @@ class RamReceiver:
             raise ValueError(
                 f"PAGES for {block.name}: {len(msg.data)} bytes is not {msg.count} pages of {block.page_size}"
             )
-        block.write_pages(msg.first_page, msg.data)
+        if self.placer is not None:
+            self.placer.copy(msg.block, msg.first_page, msg.data)
+        else:
+            block.write_pages(msg.first_page, msg.data)
         self.received[msg.block].set_range(msg.first_page, msg.count)
+        self._arrived(msg.block, np.arange(msg.first_page, msg.first_page + msg.count))
 
     def apply_page_batch(self, msg: PageBatch) -> None:
         block = self.block(msg.block)
@@ -291,21 +363,35 @@ class RamReceiver:
             raise ValueError(
                 f"PAGE_BATCH for {block.name}: {data.size} bytes is not {len(pages)} pages"
             )
-        write_scattered(block, pages, data)
+        if self.placer is not None:
+            firsts, lengths, positions = index_runs(pages)
+            ps = block.page_size
+            view = memoryview(msg.data)
+            for first, length, pos in zip(
+                firsts.tolist(), lengths.tolist(), positions.tolist(), strict=True
+            ):
+                self.placer.copy(msg.block, first, view[pos * ps : (pos + length) * ps])
+        else:
+            write_scattered(block, pages, data)
         self.received[msg.block].set_indices(msg.pages)
+        self._arrived(msg.block, pages)
 
     def apply_zero(self, msg: Zero) -> None:
         block = self.block(msg.block)
         self._check(block, msg.first_page, msg.count)
         received = self.received[msg.block]
-        seen = received.test_indices(np.arange(msg.first_page, msg.first_page + msg.count))
-        if seen.any():  # a page we hold data for became zero: clear it
-            start, end = (
-                msg.first_page * block.page_size,
-                (msg.first_page + msg.count) * block.page_size,
-            )
-            block.array[start:end] = 0
+        if self.placer is not None:
+            self.placer.zeropage(msg.block, msg.first_page, msg.count)
+        else:
+            seen = received.test_indices(np.arange(msg.first_page, msg.first_page + msg.count))
+            if seen.any():  # a page we hold data for became zero: clear it
+                start, end = (
+                    msg.first_page * block.page_size,
+                    (msg.first_page + msg.count) * block.page_size,
+                )
+                block.array[start:end] = 0
         received.set_range(msg.first_page, msg.count)
+        self._arrived(msg.block, np.arange(msg.first_page, msg.first_page + msg.count))
 
     def apply_zero_batch(self, msg: ZeroBatch) -> None:
         block = self.block(msg.block)
@@ -314,10 +400,19 @@ class RamReceiver:
             raise ValueError(
                 f"ZERO_BATCH for {block.name}: page index outside 0..{block.npages - 1}"
             )
-        seen = pages[self.received[msg.block].test_indices(pages)]
-        if len(seen):
-            block.array.reshape(-1, block.page_size)[seen] = 0
+        if self.placer is not None:
+            firsts, lengths, _ = index_runs(pages)
+            for first, length in zip(firsts.tolist(), lengths.tolist(), strict=True):
+                self.placer.zeropage(msg.block, first, length)
+        else:
+            seen = pages[self.received[msg.block].test_indices(pages)]
+            if len(seen):
+                block.array.reshape(-1, block.page_size)[seen] = 0
         self.received[msg.block].set_indices(msg.pages)
+        self._arrived(msg.block, pages)
+
+    def missing(self) -> int:
+        return sum(r.npages - r.count() for r in self.received)
 
     def complete(self) -> bool:
         return all(r.count() == r.npages for r in self.received)

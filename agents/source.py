@@ -2,26 +2,37 @@
 
 Theory of operation
 -------------------
-An :class:`OutgoingMigration` runs as one task with its own nursery, owned
-by the agent.  It dials main and return, sends CONFIG, turns on dirty
-logging in the guest and moves to ``active``.  Then it sends passes:
+An :class:`OutgoingMigration` runs as one task owned by the agent.  It dials
+main and return (and preempt when ``postcopy-preempt`` is on), sends CONFIG
+(and POSTCOPY_ADVISE), turns on dirty logging in the guest and moves to
+``active``.  Then it sends passes:
 
 * the bulk pass — every page once (zero pages as ZERO runs);
 * dirty passes — sync the dirty log (PAGEMAP_SCAN get-and-clear), send what
   was written since, measure bandwidth and dirty rate, and compute the
   expected downtime = remaining bytes / bandwidth;
 
-until the expected downtime fits ``downtime-limit``; then the switchover:
-[pre-switchover pause] → stop the vCPUs (downtime starts) → ``device`` →
-final sync and send → device sections → VMDESC → COMPLETE → wait for the
-destination's SHUT, which it sends once its guest runs (downtime ends).
+until the expected downtime fits ``downtime-limit`` (precopy switchover) or
+postcopy is asked for (``migrate-start-postcopy``).
 
-Nothing is lost on any failure path.  Until COMPLETE is sent, the guest on
-the source is the only complete copy and is resumed (``cont``) whatever
-happened.  After COMPLETE but before SHUT the destination may already run
-it, so the source keeps its guest *paused* and says so in ``error-desc``
-(resuming could run the guest twice; libvirt faces the same choice).  Only
-a SHUT releases the source guest.
+Precopy switchover: [pre-switchover pause] → stop the vCPUs (downtime
+starts) → ``device`` → final sync and send → device sections → VMDESC →
+COMPLETE → the destination's SHUT, sent once its guest runs (downtime ends).
+
+Postcopy: stop → ``device`` → final sync → DISCARD of every page dirtied
+since it was sent → device sections → LISTEN → RUN → ``postcopy-device``
+until POSTCOPY_RUN_ACK (the guest runs there) → ``postcopy-active``: every
+page the destination lacks streams in the background on main while page
+requests are served first, on the preempt channel when there is one.
+
+Nothing is lost on any failure path.  Until COMPLETE (precopy) or
+POSTCOPY_RUN_ACK (postcopy) the source guest is the only complete copy and is
+resumed whatever happened.  After COMPLETE but before SHUT the destination
+may already run it, so the source keeps its guest paused and says so in
+``error-desc``.  In postcopy no host has the whole guest, so a broken or hung
+link *pauses* the migration (``postcopy-paused``) with everything kept, until
+``migrate resume=true`` reconnects, reconciles with the destination's
+received bitmaps and carries on.
 """
 
 from __future__ import annotations
@@ -38,10 +49,19 @@ from protocol.messages import (
     ChannelKind,
     Complete,
     Config,
-    Error,
     PassEnd,
+    Ping,
     Pong,
+    PostcopyAdvise,
+    PostcopyListen,
+    PostcopyRun,
+    PostcopyRunAck,
     RamBlockInfo,
+    RecvBitmap,
+    RecvBitmapRequest,
+    ReqPages,
+    Resume,
+    ResumeAck,
     Shut,
     SwitchoverStart,
 )
@@ -51,6 +71,7 @@ from protocol.uri import MigrationURI
 from . import savevm
 from .channel import Channel, ChannelClosed, PeerError
 from .migration import MigrationState
+from .postcopy import discard_messages
 from .ram import BandwidthMeter, RamSender
 from .transport import open_channel
 
@@ -64,10 +85,16 @@ S = MigrationStatus
 PROGRESS_INTERVAL = 0.25
 """MIGRATION_PROGRESS events at most four times a second."""
 SHUT_TIMEOUT = 30.0
+RUN_ACK_TIMEOUT = 30.0
+RECOVER_TIMEOUT = 30.0
 
 
 class MigrationFailed(Exception):
     pass
+
+
+class PausePostcopy(Exception):
+    """migrate-pause asked for it, or a keepalive deadline passed."""
 
 
 class OutgoingMigration:
@@ -82,22 +109,33 @@ class OutgoingMigration:
         self.parameters = dict(entry.parameters)
         self.state = MigrationState(Role.SOURCE, entry.name, agent.events)
         self.state.uri = str(uri)
+        self.state.postcopy_enabled = bool(self.capabilities.get("postcopy-ram"))
         self.cancel_scope = trio.CancelScope()
         self.main: Channel | None = None
         self.ret: Channel | None = None
+        self.preempt: Channel | None = None
         self.ram: RamSender | None = None
         self.meter = BandwidthMeter()
         self.continue_event = trio.Event()
         self.shut_received = trio.Event()
+        self.run_ack = trio.Event()
+        self.postcopy_requested = False
+        self.pause_requested = trio.Event()
+        self.resume_requested = trio.Event()
         self.shut_reason = ""
         self.guest_stopped = False
         self.complete_sent = False
+        self.run_acked = False
         self.cancel_requested = False
         self.done = trio.Event()
         self._last_progress = 0.0
+        self._last_pong = 0.0
         self._pass = 0
+        # Page requests can arrive before POSTCOPY_RUN_ACK (the guest runs, then
+        # the ack is sent): one queue for the whole migration keeps them all.
+        self._requests_in, self._requests = trio.open_memory_channel[ReqPages](4096)
 
-    # -- control -------------------------------------------------------------
+    # -- control (from QMP handlers) -------------------------------------------
 
     def cancel(self) -> None:
         if is_terminal(self.state.status):
@@ -115,6 +153,25 @@ class OutgoingMigration:
             )
         self.continue_event.set()
 
+    def start_postcopy(self) -> None:
+        if not self.capabilities.get("postcopy-ram"):
+            raise ValueError(
+                "migrate-start-postcopy needs the postcopy-ram capability (set it before migrate)"
+            )
+        self.postcopy_requested = True
+
+    def pause(self) -> None:
+        self.pause_requested.set()
+
+    def resume(self, uri: MigrationURI) -> None:
+        if self.state.status != S.POSTCOPY_PAUSED:
+            raise ValueError(
+                f"migrate resume=true: migration is {self.state.status}, not postcopy-paused"
+            )
+        self.uri = uri
+        self.state.uri = str(uri)
+        self.resume_requested.set()
+
     # -- the task ------------------------------------------------------------
 
     async def run(self) -> None:
@@ -124,8 +181,13 @@ class OutgoingMigration:
                 async with trio.open_nursery() as nursery:
                     await self._setup(nursery)
                     await self._precopy()
-                    await self._switchover()
+                    if self.postcopy_requested:
+                        await self._start_postcopy()
+                    else:
+                        await self._switchover()
                     nursery.cancel_scope.cancel()
+                if self.state.status == S.POSTCOPY_ACTIVE:
+                    await self._postcopy()
         except Exception as exc:
             leaf = first_error(exc)
             if not isinstance(leaf, EXPECTED_ERRORS):
@@ -135,26 +197,24 @@ class OutgoingMigration:
             with trio.CancelScope(shield=True):
                 await self._finish()
 
+    async def _open(self, kind: ChannelKind, *, resume: bool = False) -> Channel:
+        return await open_channel(
+            self.agent.transport,
+            self.uri,
+            self.state.id,
+            kind,
+            resume=resume,
+            stats=self.state.channel(kind.value),
+            keepalive_ms=int(self.parameters.get("keepalive-ms", 0)),
+        )
+
     async def _setup(self, nursery: trio.Nursery) -> None:
         st = self.state
         st.set_status(S.SETUP)
-        keepalive_ms = int(self.parameters.get("keepalive-ms", 0))
-        self.main = await open_channel(
-            self.agent.transport,
-            self.uri,
-            st.id,
-            ChannelKind.MAIN,
-            stats=st.channel("main"),
-            keepalive_ms=keepalive_ms,
-        )
-        self.ret = await open_channel(
-            self.agent.transport,
-            self.uri,
-            st.id,
-            ChannelKind.RETURN,
-            stats=st.channel("return"),
-            keepalive_ms=keepalive_ms,
-        )
+        self.main = await self._open(ChannelKind.MAIN)
+        self.ret = await self._open(ChannelKind.RETURN)
+        if self.capabilities.get("postcopy-preempt"):
+            self.preempt = await self._open(ChannelKind.PREEMPT)
         blocks = self.guest.blocks
         await self.main.send(
             Config(
@@ -164,6 +224,8 @@ class OutgoingMigration:
                 guest=self.entry.describe_for_destination(),
             )
         )
+        if self.capabilities.get("postcopy-ram"):
+            await self.main.send(PostcopyAdvise(tuple(b.page_size for b in blocks)))
         nursery.start_soon(self._return_path)
         self.ram = RamSender(
             blocks,
@@ -187,24 +249,28 @@ class OutgoingMigration:
             st = self.state
             st.ram.mbps = self.meter.rate * 8 / 1e6
             st.ram.pages_per_second = self.meter.rate / max(st.ram.page_size, 1)
-            if self.meter.rate > 0 and self.ram is not None:
+            if st.status == S.ACTIVE and self.meter.rate > 0 and self.ram is not None:
                 st.expected_downtime_ms = self.ram.pending_bytes() / self.meter.rate * 1000
             self.agent.events.emit("MIGRATION_PROGRESS", {"guest": st.guest, "info": st.info()})
         await trio.lowlevel.checkpoint()
 
-    async def _sync_dirty(self) -> int:
-        """Get-and-clear the guest's dirty log into ``to_send``; returns pages newly dirty."""
-        assert self.ram is not None
-        assert self.guest.dirty_log is not None, "dirty logging was started in setup"
+    async def _precopy_checkpoint(self) -> None:
+        await self._checkpoint()
+        if self.postcopy_requested:
+            raise _SwitchNow()
+
+    async def _sync_dirty(self) -> dict[int, np.ndarray]:
+        """Get-and-clear the guest's dirty log into ``to_send``; returns the new dirty pages."""
+        assert self.ram is not None and self.guest.dirty_log is not None
         dirty = await self.guest.dirty_log.get_and_clear_async()
-        count = 0
+        out: dict[int, np.ndarray] = {}
         for index, block in enumerate(self.guest.blocks):
-            count += self.ram.add_dirty(
-                index, np.asarray(dirty.get(block.name, ()), dtype=np.uint64)
-            )
+            pages = np.asarray(dirty.get(block.name, ()), dtype=np.uint64)
+            self.ram.add_dirty(index, pages)
+            out[index] = pages
         self.state.ram.dirty_sync_count += 1
         self.ram.update_remaining()
-        return count
+        return out
 
     async def _precopy(self) -> None:
         assert self.ram is not None
@@ -218,16 +284,17 @@ class OutgoingMigration:
         while True:
             self._pass += 1
             self.agent.events.emit("MIGRATION_PASS", {"pass": self._pass, "guest": st.guest})
-            await ram.send_pass(self._send, checkpoint=self._checkpoint)
+            try:
+                await ram.send_pass(self._send, checkpoint=self._precopy_checkpoint)
+            except _SwitchNow:
+                return
             await self._send(PassEnd(self._pass, {"transferred": st.ram.transferred}))
             now = time.monotonic()
             pass_bytes = st.ram.transferred - bytes_at_pass_start
             pass_time = max(now - pass_started, 1e-6)
-            bandwidth = max(
-                self.meter.update(st.ram.transferred, now),
-                pass_bytes / pass_time if pass_bytes > 1 << 20 else 0.0,
-            )
-            dirty = await self._sync_dirty()
+            rate = self.meter.update(st.ram.transferred, now)
+            bandwidth = max(rate, pass_bytes / pass_time if pass_bytes > 1 << 20 else 0.0)
+            dirty = sum(len(p) for p in (await self._sync_dirty()).values())
             sync_now = time.monotonic()
             st.ram.dirty_pages_rate = dirty / max(sync_now - last_sync, 1e-6)
             last_sync = sync_now
@@ -242,6 +309,8 @@ class OutgoingMigration:
                 dirty,
                 st.expected_downtime_ms or -1,
             )
+            if self.postcopy_requested:
+                return
             if bandwidth > 0 and remaining / bandwidth * 1000 <= limit_ms:
                 return
             # Auto-converge, as QEMU: dirtying more than half of what we send,
@@ -264,16 +333,20 @@ class OutgoingMigration:
         await self.guest.throttle(st.throttle_percent)
         log.info("auto-converge: guest throttled to %d%%", st.throttle_percent)
 
+    async def _stop_guest(self) -> float:
+        stop_at = time.monotonic()
+        await self.guest.stop()
+        self.guest_stopped = True
+        self.agent.events.emit("STOP", {"guest": self.state.guest})
+        return stop_at
+
     async def _switchover(self) -> None:
         assert self.ram is not None and self.main is not None
         st = self.state
         if self.capabilities.get("pause-before-switchover"):
             st.set_status(S.PRE_SWITCHOVER)
             await self.continue_event.wait()
-        stop_at = time.monotonic()
-        await self.guest.stop()
-        self.guest_stopped = True
-        self.agent.events.emit("STOP", {"guest": st.guest})
+        stop_at = await self._stop_guest()
         st.set_status(S.DEVICE)
         await self._send(SwitchoverStart())
         await self._sync_dirty()
@@ -288,6 +361,10 @@ class OutgoingMigration:
         with trio.fail_after(SHUT_TIMEOUT):
             await self.shut_received.wait()
         st.downtime_ms = (time.monotonic() - stop_at) * 1000
+        await self._completed()
+
+    async def _completed(self) -> None:
+        st = self.state
         st.expected_downtime_ms = None
         st.ram.remaining = 0
         if self.capabilities.get("x-switchover-digest"):
@@ -296,8 +373,185 @@ class OutgoingMigration:
             st.switchover_digest = await ram_digest(self.guest)  # still stopped: RAM as it was sent
         st.set_status(S.COMPLETED)
 
+    # -- postcopy --------------------------------------------------------------
+
+    async def _start_postcopy(self) -> None:
+        """Stop, DISCARD what changed since it was sent, devices, LISTEN, RUN, wait for the ack."""
+        assert self.ram is not None and self.main is not None
+        st, ram = self.state, self.ram
+        stop_at = await self._stop_guest()
+        st.set_status(S.DEVICE)
+        await self._send(SwitchoverStart())
+        dirty = await self._sync_dirty()
+        await self.guest.stop_dirty_log()
+        for index, pages in dirty.items():
+            stale = pages[ram.sent_once[index].test_indices(pages)] if len(pages) else pages
+            for message in discard_messages(index, np.sort(stale)):
+                await self._send(message)
+        sections = await self.guest.save_devices()
+        await savevm.send_devices(self._send, sections)  # no VMDESC in postcopy, as QEMU
+        await self._send(PostcopyListen())
+        await self._send(PostcopyRun())
+        st.set_status(S.POSTCOPY_DEVICE)
+        with trio.fail_after(RUN_ACK_TIMEOUT):
+            await self.run_ack.wait()
+        self.run_acked = True
+        st.downtime_ms = (time.monotonic() - stop_at) * 1000
+        st.expected_downtime_ms = None
+        st.set_status(S.POSTCOPY_ACTIVE)
+
+    async def _postcopy(self) -> None:
+        """Background stream + request service until SHUT; pause and recover on failures."""
+        st = self.state
+        self.ram.limiter.rate = float(self.parameters.get("max-postcopy-bandwidth", 0))  # type: ignore[union-attr]
+        while True:
+            try:
+                await self._postcopy_round()
+                await self._completed()
+                return
+            except Exception as exc:
+                leaf = first_error(exc)
+                if not isinstance(leaf, (*EXPECTED_ERRORS, PausePostcopy)):
+                    log.error("postcopy of %s: unexpected error, pausing", st.guest, exc_info=leaf)
+                await self._pause(_describe(leaf))
+            await self._recover()
+
+    async def _postcopy_round(self) -> None:
+        assert self.ram is not None and self.main is not None
+        self._last_pong = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._postcopy_return_path, self._requests_in)
+            nursery.start_soon(self._serve_requests, self._requests)
+            nursery.start_soon(self._keepalive)
+            nursery.start_soon(self._watch_pause)
+            if self.ram.pending_pages():
+                await self.ram.send_background(self._send, checkpoint=self._checkpoint)
+            if not self.complete_sent:
+                await self._send(Complete())
+                self.complete_sent = True
+            await self.shut_received.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _serve_requests(self, requests: trio.MemoryReceiveChannel[ReqPages]) -> None:
+        assert self.ram is not None
+        async for req in requests:
+            channel = self.preempt or self.main
+            assert channel is not None
+            await self.ram.send_requested(
+                channel.send, req.block, req.first_page, req.count, req.request_id
+            )
+
+    async def _keepalive(self) -> None:
+        """PING on main; a PONG missing for three intervals means the link hangs."""
+        interval = int(self.parameters.get("keepalive-ms", 2000)) / 1000
+        if interval <= 0:
+            await trio.sleep_forever()
+        seq = 0
+        while True:
+            await trio.sleep(interval)
+            if time.monotonic() - self._last_pong > 3 * interval:
+                raise PausePostcopy(
+                    f"no PONG from the destination for {3 * interval:.1f} s: link hung"
+                )
+            seq += 1
+            with trio.move_on_after(interval):  # a hung send must not hide the hang
+                await self._send(Ping(seq, time.monotonic_ns()))
+
+    async def _watch_pause(self) -> None:
+        await self.pause_requested.wait()
+        raise PausePostcopy("paused by migrate-pause")
+
+    async def _postcopy_return_path(self, requests: trio.MemorySendChannel[ReqPages]) -> None:
+        assert self.ret is not None
+        while True:
+            msg = await self.ret.receive()
+            if isinstance(msg, ReqPages):
+                await requests.send(msg)
+            elif isinstance(msg, Pong):
+                self._last_pong = time.monotonic()
+            elif isinstance(msg, Ping):
+                await self._send(Pong(msg.seq, msg.sent_ns))
+            elif isinstance(msg, Shut):
+                self.shut_reason = msg.reason
+                self.shut_received.set()
+                return
+            else:
+                raise ProtocolError(
+                    f"unexpected {type(msg).__name__} on the return path in postcopy",
+                    channel="return",
+                )
+
+    async def _close_channels(self) -> None:
+        for channel in (self.main, self.ret, self.preempt):
+            if channel is not None:
+                await channel.aclose()
+
+    async def _pause(self, reason: str) -> None:
+        st = self.state
+        log.warning("postcopy of %s paused: %s", st.guest, reason)
+        st.error_desc = f"paused: {reason}"
+        await self._close_channels()
+        self.pause_requested = trio.Event()
+        self.resume_requested = trio.Event()
+        st.set_status(S.POSTCOPY_PAUSED)
+
+    async def _recover(self) -> None:
+        """Wait for ``migrate resume=true``, reconnect and reconcile; retry on failure."""
+        st = self.state
+        while True:
+            await self.resume_requested.wait()
+            self.resume_requested = trio.Event()
+            st.set_status(S.POSTCOPY_RECOVER_SETUP)
+            try:
+                with trio.fail_after(RECOVER_TIMEOUT):
+                    await self._recover_handshake()
+            except Exception as exc:
+                leaf = first_error(exc)
+                reason = _describe(leaf)
+                log.warning("recovery of %s failed: %s", st.guest, reason)
+                await self._close_channels()
+                st.error_desc = f"recovery failed: {reason}"
+                st.set_status(S.POSTCOPY_PAUSED)
+                continue
+            st.recoveries += 1
+            st.error_desc = None
+            st.set_status(S.POSTCOPY_ACTIVE)
+            return
+
+    async def _recover_handshake(self) -> None:
+        """Main (resume HELLO), return, preempt; RECV_BITMAP per block; RESUME/RESUME_ACK."""
+        assert self.ram is not None
+        st, ram = self.state, self.ram
+        self.main = await self._open(ChannelKind.MAIN, resume=True)
+        self.ret = await self._open(ChannelKind.RETURN, resume=True)
+        st.set_status(S.POSTCOPY_RECOVER)
+        if self.capabilities.get("postcopy-preempt"):
+            self.preempt = await self._open(ChannelKind.PREEMPT, resume=True)  # after main, as QEMU
+        for index in range(len(ram.blocks)):
+            await self.main.send(RecvBitmapRequest(index))
+        for index in range(len(ram.blocks)):
+            msg = await self.ret.receive()
+            if not isinstance(msg, RecvBitmap) or msg.block != index:
+                raise ProtocolError(
+                    f"expected RECV_BITMAP for block {index}, got {msg!r:.80}", channel="return"
+                )
+            if msg.bitmap.npages != ram.blocks[index].npages:
+                raise ProtocolError(
+                    f"RECV_BITMAP for block {index} has {msg.bitmap.npages} pages, not {ram.blocks[index].npages}",
+                    channel="return",
+                )
+            ram.to_send[index] = msg.bitmap.complement()  # everything the destination lacks
+        ram.update_remaining()
+        self.complete_sent = False
+        await self.main.send(Resume())
+        msg = await self.ret.receive()
+        if not isinstance(msg, ResumeAck):
+            raise ProtocolError(f"expected RESUME_ACK, got {type(msg).__name__}", channel="return")
+
+    # -- precopy return path ---------------------------------------------------
+
     async def _return_path(self) -> None:
-        """Everything the destination says: SHUT, PONG, ERROR (raised by receive)."""
+        """What the destination says before postcopy: SHUT, RUN_ACK, PONG; ERROR raises."""
         assert self.ret is not None
         while True:
             msg = await self.ret.receive()
@@ -305,6 +559,12 @@ class OutgoingMigration:
                 self.shut_reason = msg.reason
                 self.shut_received.set()
                 return
+            if isinstance(msg, PostcopyRunAck):
+                self.run_ack.set()
+                return
+            if isinstance(msg, ReqPages) and self.state.status == S.POSTCOPY_DEVICE:
+                await self._requests_in.send(msg)
+                continue
             if isinstance(msg, Pong):
                 continue
             raise ProtocolError(
@@ -318,11 +578,15 @@ class OutgoingMigration:
         if self.cancel_requested and st.status == S.CANCELLING:
             return
         log.warning("migration of %s failed: %s", st.guest, desc)
-        if self.complete_sent:
+        if self.complete_sent and not self.run_acked:
             desc += (
                 " — the destination may already run the guest, so the source guest stays paused;"
                 " check the destination, then `cont` here only if it is not running there"
             )
+        if st.status in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER):
+            # No host holds the whole guest: never give up on our half of it.
+            st.error_desc = f"postcopy stays paused after an internal error: {desc}"
+            return
         if not is_terminal(st.status):
             st.error_desc = desc
             st.set_status(S.FAILED)
@@ -330,7 +594,7 @@ class OutgoingMigration:
     async def _finish(self) -> None:
         st = self.state
         with trio.move_on_after(10):
-            for channel in (self.main, self.ret):
+            for channel in (self.main, self.ret, self.preempt):
                 if channel is None:
                     continue
                 if st.status != S.COMPLETED:
@@ -341,7 +605,7 @@ class OutgoingMigration:
                 await channel.aclose()
             if st.status == S.COMPLETED:
                 await self.entry.release_after_migration()
-            else:
+            elif not self.run_acked:
                 try:
                     await self.guest.stop_dirty_log()
                 except Exception as exc:  # the guest may be gone; report, do not mask
@@ -356,7 +620,11 @@ class OutgoingMigration:
         self.done.set()
 
 
-EXPECTED_ERRORS = (
+class _SwitchNow(Exception):
+    """Raised between batches to leave a pass when postcopy is requested."""
+
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     ProtocolError,
     PeerError,
     ChannelClosed,
@@ -384,6 +652,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "timed out waiting for the destination"
     return str(exc) or exc.__class__.__name__
-
-
-__all__ = ["Error", "OutgoingMigration"]

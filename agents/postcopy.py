@@ -1,0 +1,140 @@
+"""Postcopy's moving parts shared by both sides (QEMU's postcopy-ram.c).
+
+Source: which pages to DISCARD at the switch (dirty since they were sent),
+and how a page request is served.  Destination: the fault service — read
+fault messages from the guest's userfaultfd, ask once per page in flight,
+place pages with UFFDIO_COPY/ZEROPAGE as they arrive on any channel, and
+measure what the guest felt (blocktime, request latency).
+
+A page the destination already "received" as zero during precopy may still
+be a hole in the memfd (a fresh memfd page needs no write to be zero), so a
+fault on it is resolved locally with UFFDIO_ZEROPAGE, never asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import trio
+
+from protocol.bitmap import PageBitmap
+from protocol.messages import Discard, ReqPages
+
+from .migration import PostcopyStats
+from .ram import index_runs
+
+log = logging.getLogger("godwit.postcopy")
+
+DISCARD_RANGES_PER_FRAME = 65536
+
+
+def discard_messages(block_index: int, pages: np.ndarray) -> list[Discard]:
+    """DISCARD frames for pages (sorted indices) the destination must drop."""
+    if len(pages) == 0:
+        return []
+    firsts, lengths, _ = index_runs(pages.astype(np.int64))
+    ranges = np.stack([firsts, lengths], axis=1).astype(np.uint64)
+    return [
+        Discard(block_index, ranges[i : i + DISCARD_RANGES_PER_FRAME])
+        for i in range(0, len(ranges), DISCARD_RANGES_PER_FRAME)
+    ]
+
+
+class FaultService:
+    """The destination's side of postcopy page requests.
+
+    ``request`` is how a REQ_PAGES reaches the source (the return path); it
+    may fail while the link is down — the page then stays pending and is
+    asked for again by :meth:`resend_pending` after recovery.
+    """
+
+    def __init__(self, placer: Any, received: list[PageBitmap], stats: PostcopyStats) -> None:
+        self.placer = placer
+        self.received = received
+        self.stats = stats
+        self.requested = [PageBitmap(r.npages) for r in received]
+        self.pending: dict[
+            tuple[int, int], tuple[int, int]
+        ] = {}  # (block, page) → (request id, fault ns)
+        self._next_request = 1
+        self._blocked_since: int | None = None
+        self.faults = 0
+        self.local_zero = 0
+        self.link_down = trio.Event()
+
+    # -- faults ----------------------------------------------------------------
+
+    async def run(self, request: Callable[[ReqPages], Awaitable[Any]]) -> None:
+        """Serve the guest's faults until cancelled."""
+        fd = self.placer.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            faults = self.placer.read_faults()
+            if len(faults):
+                await self.handle_faults(faults, request)
+
+    async def handle_faults(
+        self, faults: np.ndarray, request: Callable[[ReqPages], Awaitable[Any]]
+    ) -> None:
+        now = time.monotonic_ns()
+        for block, page in np.unique(faults, axis=0).tolist():
+            self.faults += 1
+            if self.received[block].test(page):
+                # Received as zero in precopy and never written: a hole. Resolve here.
+                self.placer.zeropage(block, page, 1)
+                self.local_zero += 1
+                continue
+            if (block, page) in self.pending:
+                continue
+            request_id = self._next_request
+            self._next_request += 1
+            self.pending[(block, page)] = (request_id, now)
+            self.requested[block].set_range(page, 1)
+            if self._blocked_since is None:
+                self._blocked_since = now
+            if not self.link_down.is_set():
+                try:
+                    await request(ReqPages(block, page, 1, request_id, now))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    log.info("page request not sent (%s); it stays pending until recovery", exc)
+                    self.link_down.set()
+
+    async def resend_pending(self, request: Callable[[ReqPages], Awaitable[Any]]) -> int:
+        """After recovery: ask again for every page still missing."""
+        self.link_down = trio.Event()
+        count = 0
+        for (block, page), (request_id, fault_ns) in list(self.pending.items()):
+            if self.received[block].test(page):
+                continue
+            await request(ReqPages(block, page, 1, request_id, fault_ns))
+            count += 1
+        return count
+
+    # -- arrivals --------------------------------------------------------------
+
+    def arrived(self, block: int, pages: np.ndarray) -> None:
+        """Pages of ``block`` are now in place: settle the requests they answer."""
+        requested = self.requested[block]
+        if not self.pending:
+            return
+        hits = pages[requested.test_indices(pages)]
+        if len(hits) == 0:
+            return
+        requested.clear_indices(hits)
+        now = time.monotonic_ns()
+        latencies = []
+        for page in hits.tolist():
+            entry = self.pending.pop((block, int(page)), None)
+            if entry is not None:
+                latencies.append(now - entry[1])
+        if latencies:
+            self.stats.record_latencies(np.array(latencies, dtype=np.int64))
+        if not self.pending and self._blocked_since is not None:
+            blocked_ms = (now - self._blocked_since) / 1e6
+            self.stats.blocktime_ms += blocked_ms
+            self.stats.vcpu_blocktime_ms[0] += blocked_ms
+            self._blocked_since = None

@@ -1,0 +1,114 @@
+"""Postcopy (with and without the preempt channel) between two real agents.
+
+The destination guest runs before all its memory has arrived: every touch of
+a missing page faults into userfaultfd, is asked for on the return path and
+placed atomically.  Each story ends by checking the guest's memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (userfaultfd, PAGEMAP_SCAN)")
+
+
+async def _caps(client, **caps):
+    await client.execute(
+        "migrate-set-capabilities",
+        {"guest": "vm1", "capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+    )
+
+
+async def _start_postcopy_migration(
+    src, dst, *, memory="64M", workload="counter", preempt=False, **caps
+):
+    await src.client.execute(
+        "guest-start", {"name": "vm1", "memory": memory, "workload": workload, "fill": "mixed:60%"}
+    )
+    await _caps(src.client, **{"postcopy-ram": True, "postcopy-preempt": preempt, **caps})
+    # Slow precopy so that postcopy has most of the work to do.
+    await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 8 << 20})
+    await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
+    await src.client.wait_status("vm1", {"active"}, timeout=30, poll=0.02)
+    await trio.sleep(0.3)
+    await src.client.execute("migrate-start-postcopy", {"guest": "vm1"})
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+async def test_counter_guest_completes_by_postcopy_and_the_check_holds(pair, preempt):
+    src, dst = pair
+    await _start_postcopy_migration(src, dst, preempt=preempt)
+    info = await src.client.wait_status(
+        "vm1", {"completed", "failed", "postcopy-paused"}, timeout=120
+    )
+    assert info["status"] == "completed", info.get("error-desc")
+    assert info["ram"]["postcopy-bytes"] > 0
+    dinfo = await dst.client.execute("query-migrate", {"guest": "vm1"})
+    assert dinfo["status"] == "completed"
+    # The counter ran on the destination while pages were missing: it faulted.
+    assert dinfo["postcopy-latency-dist"] and sum(dinfo["postcopy-latency-dist"]) > 0
+    assert dinfo["postcopy-latency"] > 0 and dinfo["postcopy-blocktime"] >= 0
+    assert info["ram"]["postcopy-requests"] > 0
+    names = {c["name"] for c in info["channels"]}
+    assert ("preempt" in names) == preempt
+    check = await dst.client.execute("guest-verify", {"guest": "vm1", "method": "counter"})
+    assert check["verified"], check
+    [old] = await src.client.execute("query-guests")
+    assert old["status"] == "migrated"
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+async def test_read_only_guest_memory_equals_the_source_at_switchover(pair, preempt):
+    src, dst = pair
+    await _start_postcopy_migration(
+        src,
+        dst,
+        memory="96M",
+        workload="stress:rate=40M,wss=96M,mode=read",
+        preempt=preempt,
+        **{"x-switchover-digest": True},
+    )
+    info = await src.client.wait_status(
+        "vm1", {"completed", "failed", "postcopy-paused"}, timeout=120
+    )
+    assert info["status"] == "completed", info.get("error-desc")
+    check = await dst.client.execute(
+        "guest-verify", {"guest": "vm1", "method": "digest", "expect": info["switchover-digest"]}
+    )
+    assert check["verified"], check
+
+
+async def test_a_destination_that_cannot_load_devices_lets_the_source_resume(pair):
+    src, dst = pair
+    dst.agent.test_hooks["fail-device-load"] = True
+    await _start_postcopy_migration(src, dst)
+    info = await src.client.wait_status(
+        "vm1", {"completed", "failed", "postcopy-paused"}, timeout=60
+    )
+    assert info["status"] == "failed"
+    status = await src.client.execute("query-status", {"guest": "vm1"})
+    assert status["running"]
+    check = await src.client.execute("guest-verify", {"guest": "vm1", "method": "counter"})
+    assert check["verified"], check
+    with trio.fail_after(10):
+        while await dst.client.execute("query-guests"):
+            await trio.sleep(0.05)
+
+
+async def test_a_lost_page_is_caught_by_verification(pair):
+    src, dst = pair
+    dst.agent.test_hooks["drop-page"] = (0, 1000)
+    await dst.client.execute("migrate-incoming", {"uri": "defer", "autostart": False})
+    await _start_postcopy_migration(src, dst, workload="idle", **{"x-switchover-digest": True})
+    info = await src.client.wait_status(
+        "vm1", {"completed", "failed", "postcopy-paused"}, timeout=120
+    )
+    assert info["status"] == "completed", info.get("error-desc")
+    assert "drop-page" not in dst.agent.test_hooks  # the hook fired
+    check = await dst.client.execute(
+        "guest-verify", {"guest": "vm1", "method": "digest", "expect": info["switchover-digest"]}
+    )
+    assert check["verified"] is False
