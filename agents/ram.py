@@ -189,8 +189,10 @@ class RamSender:
             pages = bitmap.indices().astype(np.uint64)
             if max_pages is not None:
                 pages = pages[: max(0, max_pages - done)]
-            bitmap.clear_indices(pages)
             for batch in _batches(pages, batch_pages(self.blocks[index].page_size)):
+                # Clear just before sending: a pass left early (postcopy, cancel)
+                # must leave every page it did not send in ``to_send``.
+                bitmap.clear_indices(batch)
                 nbytes = await self.send_batch(send, index, batch, phase)
                 await self.limiter.consume(nbytes)
                 done += len(batch)
