@@ -209,6 +209,20 @@ class Agent:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: guests and migrations in flight."""
+        active = [
+            f"{e.name} {e.migration.state.status}"
+            for e in self.guests.values()
+            if e.migration is not None and not is_terminal(e.migration.state.status)
+        ]
+        text = f"{len(self.guests)} guests, {len(active)} migrations"
+        if active:
+            text += " (" + ", ".join(active) + ")"
+        if self.listen_port:
+            text += f"; migrations on port {self.listen_port}"
+        return text
+
     # -- guests ----------------------------------------------------------------
 
     def entry(self, args: dict[str, Any]) -> GuestEntry:
@@ -594,25 +608,43 @@ async def verify_guest(guest: Guest, method: str, expect: str | None = None) -> 
 
 
 def configure_logging(level: str = "info") -> None:
-    """journald-friendly: no timestamps (the journal has them), a level prefix."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    """journald-friendly: no timestamps (the journal has them), a level prefix
+    (``<3>`` …) under systemd so each line is filed at its own priority."""
+    from .sdnotify import JournalFormatter, stderr_is_journal
+
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler()
+    handler.setFormatter(JournalFormatter(fmt) if stderr_is_journal() else logging.Formatter(fmt))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 async def run_agent(
     config: AgentConfig, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run an agent until SIGTERM/SIGINT, then shut down cleanly."""
+    """Run an agent until SIGTERM/SIGINT, then shut down cleanly; speaks sd_notify under systemd."""
+    from .sdnotify import Notifier, watchdog_task
+
+    # Taken out of the environment so guest processes do not inherit it.
+    notifier = Notifier(unset_environment=True)
     agent = Agent(config)
     async with trio.open_nursery() as nursery:
+        await nursery.start(watchdog_task, notifier)
         await nursery.start(agent.run)
+        notifier.ready(status=agent.summary())
+
+        def on_change(event_name: str) -> None:
+            if event_name in ("MIGRATION", "GUEST_STARTED", "GUEST_EXITED"):
+                notifier.status(agent.summary())
+
+        agent.events.listeners.append(on_change)
 
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("%s: shutting down (guests keep running)", signal.Signals(signum).name)
+                    notifier.stopping(
+                        status=f"{signal.Signals(signum).name}: cancelling migrations; guests keep running"
+                    )
                     await agent.shutdown()
                     nursery.cancel_scope.cancel()
                     return

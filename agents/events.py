@@ -10,7 +10,7 @@ returns).  Emitting is synchronous and never blocks.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +47,8 @@ class _Subscriber:
 class EventBus:
     def __init__(self) -> None:
         self._subscribers: set[_Subscriber] = set()
+        self.listeners: list[Callable[[str], None]] = []
+        """In-process observers (sd_notify status); called with the event name."""
         self.history: list[AgentEvent] = []
         """The most recent events, for ``godwit status`` and post-mortems."""
 
@@ -56,6 +58,8 @@ class EventBus:
         del self.history[:-200]
         for sub in list(self._subscribers):
             sub.offer(event)
+        for listener in self.listeners:
+            listener(name)
         return event
 
     @contextmanager
