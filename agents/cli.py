@@ -129,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-converge", action="store_true")
     p.add_argument("--pause-before-switchover", action="store_true")
     p.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="enable postcopy (switch with `godwit migrate-postcopy VM`, or --postcopy-after-precopy)",
+    )
+    p.add_argument(
+        "--postcopy-after-precopy",
+        action="store_true",
+        help="switch to postcopy once the first precopy pass is done (as virsh does)",
+    )
+    p.add_argument(
+        "--preempt", action="store_true", help="serve page requests on their own channel"
+    )
+    p.add_argument(
+        "--postcopy-bandwidth", metavar="BYTES/S", help="cap the postcopy background stream"
+    )
+    p.add_argument(
         "--timeout", type=float, default=3600, help="with --wait: give up waiting after S seconds"
     )
     _agent_options(p)
@@ -136,9 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, text in (
         ("migrate-cancel", "cancel an outgoing migration"),
         ("migrate-continue", "continue from pre-switchover"),
+        ("migrate-postcopy", "switch a running migration to postcopy"),
+        ("pause", "force a postcopy migration into postcopy-paused"),
     ):
         p = sub.add_parser(verb, help=text)
         p.add_argument("guest")
+        p.add_argument("--wait", action="store_true", help="wait for the resulting state")
+        p.add_argument("--timeout", type=float, default=120)
+        _agent_options(p)
+    for verb, text in (
+        ("recover", "destination: accept the source again after a postcopy pause"),
+        ("resume", "source: reconnect a paused postcopy to URI"),
+    ):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("guest")
+        p.add_argument("uri", help="tls:HOST:PORT (the destination's address to listen on / dial)")
+        p.add_argument("--wait", action="store_true", help="wait for the resulting state")
+        p.add_argument("--timeout", type=float, default=120)
         _agent_options(p)
 
     p = sub.add_parser("status", help="guests and migrations on an agent")
@@ -263,6 +293,8 @@ async def _run_control_command(args: argparse.Namespace) -> int:
         if cmd == "migrate-cancel":
             await agent.execute("migrate-cancel", {"guest": args.guest})
             return 0
+        if cmd in ("migrate-postcopy", "pause", "recover", "resume"):
+            return await _cmd_postcopy_control(args, agent)
         if cmd == "migrate-continue":
             await agent.execute(
                 "migrate-continue", {"guest": args.guest, "state": "pre-switchover"}
@@ -333,17 +365,29 @@ async def _cmd_migrate(args: argparse.Namespace, agent: Any) -> int:
         params["max-bandwidth"] = parse_size(args.max_bandwidth)
     if params:
         await agent.execute("migrate-set-parameters", {"guest": guest, **params})
+    if args.postcopy_bandwidth is not None:
+        from protocol.qapi import parse_size
+
+        await agent.execute(
+            "migrate-set-parameters",
+            {"guest": guest, "max-postcopy-bandwidth": parse_size(args.postcopy_bandwidth)},
+        )
+    postcopy = args.postcopy or args.postcopy_after_precopy or args.preempt
     caps = [
         {"capability": name, "state": True}
         for name, on in (
             ("auto-converge", args.auto_converge),
             ("pause-before-switchover", args.pause_before_switchover),
+            ("postcopy-ram", postcopy),
+            ("postcopy-preempt", args.preempt),
         )
         if on
     ]
     if caps:
         await agent.execute("migrate-set-capabilities", {"guest": guest, "capabilities": caps})
     await agent.execute("migrate", {"guest": guest, "uri": args.uri})
+    if args.postcopy_after_precopy:
+        await switch_after_first_pass(agent, guest, timeout=args.timeout)
     if not args.wait:
         _print(
             args,
@@ -357,6 +401,53 @@ async def _cmd_migrate(args: argparse.Namespace, agent: Any) -> int:
 
 
 TERMINAL = {"completed", "failed", "cancelled"}
+RESULTING_STATE = {
+    "migrate-postcopy": {"postcopy-active", "completed", "failed", "postcopy-paused"},
+    "pause": {"postcopy-paused"},
+    "recover": {"postcopy-active", "postcopy-recover", "completed"},
+    "resume": {"postcopy-active", "completed", "postcopy-paused"},
+}
+SUCCESS_STATE = {
+    "migrate-postcopy": {"postcopy-active", "completed"},
+    "pause": {"postcopy-paused"},
+    "recover": {"postcopy-active", "postcopy-recover", "completed"},
+    "resume": {"postcopy-active", "completed"},
+}
+
+
+async def switch_after_first_pass(agent: Any, guest: str, *, timeout: float) -> None:
+    """virsh's --postcopy-after-precopy: switch once the bulk pass is done."""
+    import trio
+
+    with trio.fail_after(timeout):
+        while True:
+            info = await agent.execute("query-migrate", {"guest": guest})
+            done = info.get("ram", {}).get("dirty-sync-count", 0) >= 1
+            if info.get("status") in TERMINAL or done:
+                break
+            await trio.sleep(0.05)
+    if info.get("status") == "active":
+        await agent.execute("migrate-start-postcopy", {"guest": guest})
+
+
+async def _cmd_postcopy_control(args: argparse.Namespace, agent: Any) -> int:
+    cmd, guest = args.command, args.guest
+    if cmd == "migrate-postcopy":
+        await agent.execute("migrate-start-postcopy", {"guest": guest})
+    elif cmd == "pause":
+        await agent.execute("migrate-pause", {"guest": guest})
+    elif cmd == "recover":
+        await agent.execute("migrate-recover", {"guest": guest, "uri": args.uri})
+    else:
+        await agent.execute("migrate", {"guest": guest, "uri": args.uri, "resume": True})
+    if not args.wait:
+        _print(args, {"guest": guest, "requested": cmd}, f"{cmd}: requested for {guest}")
+        return 0
+    info = await wait_with_progress(
+        agent, guest, json_output=args.json, timeout=args.timeout, stop_at=RESULTING_STATE[cmd]
+    )
+    _print(args, info, summarize(info))
+    return 0 if info["status"] in SUCCESS_STATE[cmd] else 1
 
 
 async def wait_with_progress(
