@@ -98,7 +98,7 @@ def digests_without_first_bytes(guest: Guest) -> list[str]:
     for b in guest.blocks:
         rows = b.array.reshape(b.npages, b.page_size).copy()
         rows[:, :8] = 0
-        out.append(hashlib.sha256(rows).hexdigest())
+        out.append(hashlib.sha256(rows.tobytes()).hexdigest())
     return out
 
 
@@ -551,3 +551,61 @@ def test_cli_inspect(saved_file: Path, tmp_path: Path, capsys: pytest.CaptureFix
 
     report = json.loads(capsys.readouterr().out)
     assert report["valid"] is False and "magic" in report["error"]
+
+
+# -- the daemon handlers (called directly until the daemon dispatches file: URIs to them) --
+
+
+async def _wait_status(client: object, guest: str, want: set[str]) -> dict[str, object]:
+    with trio.fail_after(60):
+        while True:
+            info: dict[str, object] = await client.execute("query-migrate", {"guest": guest})  # type: ignore[attr-defined]
+            if info.get("status") in want:
+                return info
+            await trio.sleep(0.05)
+
+
+async def test_daemon_handlers_save_and_lazy_restore(
+    short_tmp: Path, pki_dir: Path, tmp_path: Path
+) -> None:
+    from agents.mapped_ram import qmp_file_migrate, qmp_file_restore
+    from protocol.control import QmpError
+    from tests.agents.conftest import running_agent
+
+    path = tmp_path / "vm.img"
+    async with running_agent(short_tmp, pki_dir, "source", listen=False) as ra:
+        c = ra.client
+        await c.execute("guest-start", {"name": "vm", "memory": "64M", "workload": "counter"})
+        with pytest.raises(QmpError, match="needs capability 'mapped-ram'"):
+            await qmp_file_migrate(ra.agent, ra.agent.entry({"guest": "vm"}), str(path))
+        caps = [{"capability": n, "state": True} for n in ("mapped-ram", "multifd")]
+        await c.execute("migrate-set-capabilities", {"guest": "vm", "capabilities": caps})
+        await c.execute("migrate-set-parameters", {"guest": "vm", "multifd-channels": 3})
+        await qmp_file_migrate(ra.agent, ra.agent.entry({"guest": "vm"}), str(path))
+        info = await _wait_status(c, "vm", {"completed", "failed"})
+        assert info["status"] == "completed", info
+        assert info["role"] == "source" and info["uri"] == f"file:{path}"
+        assert info["ram"]["dirty-sync-count"] >= 1  # type: ignore[index]
+        status = await c.execute("query-status", {"guest": "vm"})
+        assert status["running"] is False  # a saved guest is left stopped
+        reply = await qmp_file_restore(
+            ra.agent, {"uri": f"file:{path}", "guest": "copy", "lazy": True}
+        )
+        assert reply == {"guest": "copy", "lazy": True}
+        info = await _wait_status(c, "copy", {"completed", "failed"})
+        assert info["status"] == "completed", info
+        assert info["role"] == "destination"
+        verdict = await c.execute("guest-verify", {"guest": "copy", "method": "counter"})
+        assert verdict["verified"] is True, verdict
+        with pytest.raises(QmpError, match="already exists"):
+            await qmp_file_restore(ra.agent, {"uri": f"file:{path}", "guest": "copy"})
+        bad = tmp_path / "bad.img"
+        await trio.to_thread.run_sync(_copy_and_break, path, bad)
+        with pytest.raises(QmpError, match=rf"{bad} at byte 0: magic"):
+            await qmp_file_restore(ra.agent, {"uri": f"file:{bad}", "guest": "nope"})
+        assert "nope" not in ra.agent.guests
+
+
+def _copy_and_break(src: Path, dst: Path) -> None:
+    dst.write_bytes(src.read_bytes())
+    _bad_magic(dst)
