@@ -121,4 +121,4 @@ async def test_resume_channels_are_refused_until_migrate_recover(pair, pki_dir):
         info = await src.client.wait_status("vm1", PAUSED, timeout=60, poll=0.05)
         assert "migrate-recover" in info["error-desc"]
         await _recover(proxy, src, dst)
-        await _finish_and_verify(src, dst)
+        await _finish_and_verify(src, dst, pauses=2, destination_pauses=1)
