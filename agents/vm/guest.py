@@ -34,6 +34,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -350,6 +351,8 @@ class Guest:
                 ],
                 pass_fds=[child.fileno(), *(b.fd for b in self.blocks)],
                 stdin=subprocess.DEVNULL,
+                # A guest that outlives us must not get the signals a terminal sends our group.
+                start_new_session=paths is not None,
             )
         finally:
             child.close()
@@ -398,10 +401,12 @@ class Guest:
         returns a handle in the guest's current state (running, stopped or
         incoming: nothing is resumed).  Raises GuestAttached if another
         agent holds the guest, GuestGone if nothing listens there any more,
-        GuestCommandError if the socket's owner is not our uid.  The
-        socket's peer must have our uid (SO_PEERCRED), as the guest checks ours.
+        GuestCommandError if the socket file is not ours alone (owner our
+        uid, mode 0600) or its peer is not our uid (SO_PEERCRED) — the
+        guest checks ours the same way.
         """
         path = Path(socket_path)
+        cls._check_socket_file(path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pidfd: int | None = None
         pending: list[int] = []
@@ -473,6 +478,23 @@ class Guest:
             guest.close()
             raise
         return guest
+
+    @staticmethod
+    def _check_socket_file(path: Path) -> None:
+        """Refuse a socket someone else could have put there or could reach."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError as e:
+            raise GuestGone(
+                f"no guest listens at {path} (no such file): it quit or was killed"
+            ) from e
+        if not stat.S_ISSOCK(st.st_mode):
+            raise GuestCommandError(f"refusing to adopt from {path}: not a socket")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise GuestCommandError(
+                f"refusing to adopt from {path}: owner uid {st.st_uid} mode "
+                f"{stat.S_IMODE(st.st_mode):04o}, expected uid {os.geteuid()} mode 0600"
+            )
 
     # -- messaging -----------------------------------------------------------
 

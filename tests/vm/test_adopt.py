@@ -101,6 +101,7 @@ async def test_guest_outlives_its_agent_and_is_adopted(state_dir):
     st = os.stat(sock_path)
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
     assert stat.S_IMODE(os.stat(state_dir / "guests").st_mode) == 0o700
+    assert os.getsid(pid) == pid  # its own session: ^C to the agent's group misses it
     await advances(g)
 
     # The agent dies: its control socket closes and its handle is dropped, no quit.
@@ -254,6 +255,9 @@ async def test_only_our_uid_may_adopt(state_dir):
     reply = json.loads(out)
     assert reply["event"] == "refused", out
     assert "refusing adoption by uid 65534" in reply["reason"]
+    with pytest.raises(GuestCommandError, match="mode 0666, expected uid 0 mode 0600"):
+        await Guest.adopt(rec.socket)  # nor do we trust a socket others could reach
+    os.chmod(rec.socket, 0o600)
     a = await Guest.adopt(rec.socket)  # still waiting for us
     await a.quit()
     reap_as_parent(pid)
