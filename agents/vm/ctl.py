@@ -10,6 +10,11 @@ Guest → agent: ``{"id": N, "ok": true, "result": ...}`` or
 ``hello`` (first, with the postcopy uffd attached over SCM_RIGHTS),
 ``heartbeat``, ``job_done``, ``fatal``.
 
+The same protocol runs on a guest's adoption socket (orphans.py), where the
+first message is either ``refused`` (with a reason; the guest hangs up) or a
+``hello`` with ``"adopted": true``, the spec, block layout and state, and
+the memfds (then the postcopy uffd, if any) attached in block order.
+
 Numpy arrays travel as ``{"dtype": ..., "b64": ...}``.
 """
 

@@ -249,10 +249,19 @@ class GuestProcess:
 
     def accept(self) -> None:
         assert self.listener is not None
-        conn, _ = self.listener.accept()
-        pid, uid, _gid = _PEERCRED.unpack(
-            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        )
+        try:
+            conn, _ = self.listener.accept()
+        except OSError as e:  # the caller gave up already: nothing to adopt us
+            self.log(f"adoption socket accept: {e.strerror}")
+            return
+        try:
+            pid, uid, _gid = _PEERCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+        except OSError as e:
+            conn.close()
+            self.log(f"adoption socket SO_PEERCRED: {e.strerror}")
+            return
         me = os.getpid()
         if uid != os.geteuid():
             self.refuse(
