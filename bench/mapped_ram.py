@@ -218,22 +218,6 @@ async def section(directory: Path, size: int) -> None:
             p.unlink(missing_ok=True)
 
 
-def warm_up(nbytes: int) -> float:
-    """Touch ``nbytes`` of memory once and free it; returns seconds.
-
-    This VM's host backs guest memory on first touch (~0.3 GB/s measured,
-    against 2+ GB/s for memory touched before), which would otherwise be
-    charged to whichever row first uses fresh memory.
-    """
-    t = time.perf_counter()
-    step = 1 << 30
-    for off in range(0, nbytes, step):
-        m = mmap.mmap(-1, min(step, nbytes - off))
-        m.madvise(23)  # MADV_POPULATE_WRITE
-        m.close()
-    return time.perf_counter() - t
-
-
 async def main(args: argparse.Namespace) -> None:
     size = parse_size(args.size)
     avail = mem_available()
@@ -245,10 +229,10 @@ async def main(args: argparse.Namespace) -> None:
             f"note: {avail >> 30} GiB available: guest shrunk from {args.size} to {size >> 20} MiB"
         )
     print(f"godwit mapped-ram bench: {os.cpu_count()} cores, kernel {os.uname().release}")
-    warm = min(3 * size, max(0, avail - (2 << 30)))
     print(
-        f"warm-up: touched {warm >> 30} GiB once in {warm_up(warm):.1f} s "
-        "(the host backs this VM's memory on first touch)",
+        "note: on this VM memory freed for a few seconds goes back to the host and costs "
+        "~0.3 GB/s to touch again (measured), so rows that allocate (new tmpfs files, restored "
+        "guests, the fresh-memory baseline) vary with what ran just before them",
         flush=True,
     )
     t0 = time.perf_counter()
@@ -267,5 +251,5 @@ if __name__ == "__main__":
     parser.add_argument("--size", default="4G", help="guest RAM for the memory-speed section")
     parser.add_argument("--dir", default="/dev/shm", help="memory-speed directory ('' to skip)")
     parser.add_argument("--disk-dir", default="/var/tmp", help="disk directory ('' to skip)")
-    parser.add_argument("--disk-size", default="512M", help="guest RAM for the disk section")
+    parser.add_argument("--disk-size", default="256M", help="guest RAM for the disk section")
     trio.run(main, parser.parse_args())
