@@ -122,3 +122,36 @@ async def test_resume_channels_are_refused_until_migrate_recover(pair, pki_dir):
         assert "migrate-recover" in info["error-desc"]
         await _recover(proxy, src, dst)
         await _finish_and_verify(src, dst, pauses=2, destination_pauses=1)
+
+
+@pytest.mark.slow
+async def test_soak_twenty_cuts_and_recoveries_in_one_postcopy(pair):
+    """The cut/recover story again and again on one migration: nothing lost, ever."""
+    src, dst = pair
+    rounds = 20
+    async with FaultProxy(target_port=dst.agent.listen_port) as proxy:
+        await src.client.execute("guest-start", {"name": "vm1", "memory": "256M", "workload": "counter",
+                                                 "fill": "mixed:60%"})
+        await src.client.execute("migrate-set-capabilities", {"guest": "vm1", "capabilities": [
+            {"capability": "postcopy-ram", "state": True}, {"capability": "postcopy-preempt", "state": True}]})
+        await src.client.execute("migrate-set-parameters", {
+            "guest": "vm1", "max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 2 << 20,
+            "keepalive-ms": KEEPALIVE_MS})
+        await src.client.execute("migrate", {"guest": "vm1", "uri": f"tls:127.0.0.1:{proxy.port}"})
+        await src.client.wait_status("vm1", {"active"}, timeout=30, poll=0.02)
+        await src.client.execute("migrate-start-postcopy", {"guest": "vm1"})
+        await src.client.wait_status("vm1", {"postcopy-active"}, timeout=30, poll=0.02)
+        for n in range(rounds):
+            await trio.sleep(random.uniform(0.05, 0.4))
+            (proxy.cut if n % 2 == 0 else proxy.blackhole)()
+            await _both(src, dst, PAUSED, timeout=10 * DEADLINE + 10)
+            proxy.heal()
+            await _recover(proxy, src, dst)
+            await _both(src, dst, {"postcopy-active", "completed"}, timeout=60)
+        # Let it finish at full speed.
+        await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-postcopy-bandwidth": 0})
+        info = await src.client.wait_status("vm1", {"completed", "failed"}, timeout=300)
+        assert info["status"] == "completed", info.get("error-desc")
+        assert info["recoveries"] == rounds
+        check = await dst.client.execute("guest-verify", {"guest": "vm1", "method": "counter"})
+        assert check["verified"], check
