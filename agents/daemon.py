@@ -202,6 +202,8 @@ class Agent:
                     mig.cancel()
             elif isinstance(mig, IncomingMigration) and not is_terminal(mig.state.status):
                 mig.cancel_scope.cancel()
+            elif mig is not None and hasattr(mig, "cancel") and not is_terminal(mig.state.status):
+                mig.cancel()  # file migrations
         with trio.move_on_after(15):
             for entry in list(self.guests.values()):
                 if entry.migration is not None:
@@ -482,7 +484,9 @@ class Agent:
         self._check_allowed(entry, "migrate", Role.SOURCE)
         self._running_guest(entry)
         if uri.scheme == "file":
-            raise QmpError("file: migration (mapped-ram) is not implemented yet")
+            from .mapped_ram import qmp_file_migrate
+
+            return await qmp_file_migrate(self, entry, uri.path)
         self.transport.check_uri(uri)
         mig = OutgoingMigration(self, entry, uri)
         entry.migration = mig
@@ -536,6 +540,10 @@ class Agent:
         self.extra_listeners.add((host, port))
 
     async def qmp_migrate_incoming(self, args: dict[str, Any]) -> Any:
+        if str(args.get("uri", "")).startswith("file:"):
+            from .mapped_ram import qmp_file_restore
+
+            return await qmp_file_restore(self, args)
         if self.listen_port is None:
             raise QmpError(
                 "this agent has no migration listener (start it with --listen HOST:PORT)"

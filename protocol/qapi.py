@@ -149,6 +149,8 @@ COMMANDS: dict[str, CommandSpec] = {
                     "run incoming guests once they arrive (default true); false leaves them "
                     "paused for inspection, like QEMU's -S",
                 ),
+                Arg("lazy", BOOL, "file: restore lazily, serving page faults from the file"),
+                Arg("multifd-channels", INT, "file: parallel readers for the restore"),
                 GUEST,
             ),
             returns="{port}",
