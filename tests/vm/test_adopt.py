@@ -86,7 +86,15 @@ async def advances(g: Guest) -> None:
 
 @pytest.fixture
 def state_dir(tmp_path):
-    return tmp_path / "state"
+    d = tmp_path / "state"
+    yield d
+    # A failed test may leave guests waiting for an agent that never comes: end them.
+    for rec in find_orphans(d, include_attached=True):
+        os.kill(rec.pid, signal.SIGKILL)
+        try:
+            os.waitpid(rec.pid, 0)
+        except ChildProcessError:
+            pass  # not ours (reparented): init reaps it
 
 
 async def test_guest_outlives_its_agent_and_is_adopted(state_dir):
