@@ -146,7 +146,9 @@ class ControlServer:
                                 await self._run(codec, command.name, command.arguments, command.id)
                             )
                     nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            # The client went away, maybe while an event was being written to it
+            # (then trio wraps the error in a group): it ends this connection only.
             pass
         finally:
             self.connections -= 1

@@ -42,6 +42,7 @@ from .tls import (
 log = logging.getLogger("godwit.transport")
 
 HELLO_TIMEOUT = 10.0
+DIAL_TIMEOUT = 10.0
 
 
 @dataclass
@@ -67,8 +68,19 @@ class Transport:
                 f"{uri}: this agent has no TLS identity (start it with --pki DIR --name NAME)"
             )
 
-    async def dial(self, uri: MigrationURI) -> Any:
+    async def dial(self, uri: MigrationURI, *, timeout: float = DIAL_TIMEOUT) -> Any:
+        """Connect (and handshake); a blackholed destination fails after ``timeout``
+        instead of Linux's ~2 minutes of SYN retries."""
         self.check_uri(uri)
+        try:
+            with trio.fail_after(timeout):
+                return await self._dial(uri)
+        except trio.TooSlowError:
+            raise trio.BrokenResourceError(
+                f"no connection to {uri} within {timeout:.0f} s"
+            ) from None
+
+    async def _dial(self, uri: MigrationURI) -> Any:
         if uri.scheme == "tls":
             stream: Any = await TLSStream.connect(uri.host, uri.port, self._client_ctx, uri.host)  # type: ignore[arg-type]
         else:
@@ -137,6 +149,16 @@ async def serve_migrations(
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def handle(socket_stream: trio.SocketStream) -> None:
+        try:
+            await _handle(socket_stream)
+        except Exception as exc:  # one bad connection must never take the agent down
+            log.error(
+                "migration listener: connection from %s ended badly",
+                _peer(socket_stream),
+                exc_info=exc,
+            )
+
+    async def _handle(socket_stream: trio.SocketStream) -> None:
         peer = _peer(socket_stream)
         try:
             stream = await transport.accept(socket_stream)
