@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import trio
+from conftest import running_agent
 
 from agents.client import open_client
-
-from conftest import running_agent
 
 
 async def test_a_client_that_disconnects_while_events_flow_does_not_kill_the_agent(

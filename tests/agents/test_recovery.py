@@ -90,7 +90,7 @@ async def test_a_second_failure_during_recovery_pauses_again_and_a_retry_complet
         await _both(src, dst, PAUSED, timeout=10 * DEADLINE + 10)
         proxy.cut_after(200)  # the recovery handshake itself breaks
         await _recover(proxy, src, dst)
-        s, d = await _both(src, dst, PAUSED, timeout=60)
+        s, _d = await _both(src, dst, PAUSED, timeout=60)
         assert "recovery failed" in s["error-desc"] or "paused" in s["error-desc"]
         proxy.heal()
         await _recover(proxy, src, dst)
@@ -104,7 +104,7 @@ async def test_migrate_pause_forces_a_pause_and_resume_continues(pair):
     async with FaultProxy(target_port=dst.agent.listen_port) as proxy:
         await _postcopy_through(proxy, src, dst, preempt=False)
         await src.client.execute("migrate-pause", {"guest": "vm1"})
-        s, d = await _both(src, dst, PAUSED, timeout=30)
+        s, _d = await _both(src, dst, PAUSED, timeout=30)
         assert "migrate-pause" in s["error-desc"]
         await _recover(proxy, src, dst)
         await _finish_and_verify(src, dst)
