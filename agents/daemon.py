@@ -190,6 +190,7 @@ class Agent:
                 self.config.control,
                 self.listen_port,
             )
+            await self.adopt_orphans()
             task_status.started(self)
             await trio.sleep_forever()
 
@@ -208,8 +209,41 @@ class Agent:
             for entry in list(self.guests.values()):
                 if entry.migration is not None:
                     await entry.migration.done.wait()
+        # Guests keep running without us (with a state dir they wait to be adopted).
+        for entry in self.guests.values():
+            if entry.guest is not None and self.config.state_dir is not None:
+                entry.guest.detach()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    async def adopt_orphans(self) -> None:
+        """Take over guests a previous agent left running (they wait in the state dir)."""
+        if self.config.state_dir is None:
+            return
+        from .vm.errors import GuestAttached, GuestGone
+        from .vm.orphans import find_orphans
+
+        for record in find_orphans(self.config.state_dir):
+            try:
+                guest = await Guest.adopt(record.socket)
+            except (GuestAttached, GuestGone, OSError) as exc:
+                log.warning("guest %s (pid %s) not adopted: %s", record.name, record.pid, exc)
+                continue
+            if guest.state == "stopped":
+                # Stopped by a migration that died with the old agent, or by an admin:
+                # stay stopped — only a person can know which copy should run.
+                log.warning(
+                    "adopted guest %s is stopped; `godwit ctl` cont it once you know "
+                    "it does not run elsewhere",
+                    record.name,
+                )
+            await guest.throttle(0)
+            status = {"running": "running", "stopped": "paused", "incoming": "incoming"}.get(
+                guest.state, "paused"
+            )
+            self.guests[record.name] = GuestEntry(record.name, guest.spec, guest, status=status)
+            self.events.emit("GUEST_STARTED", {"guest": record.name, "adopted": True})
+            log.info("adopted guest %s (pid %s, %s)", record.name, guest.pid, status)
 
     def summary(self) -> str:
         """One line for systemd's STATUS=: guests and migrations in flight."""
@@ -257,7 +291,10 @@ class Agent:
         ]
         try:
             guest = await Guest.start_incoming(
-                spec, blocks, postcopy=bool(config.capabilities.get("postcopy-ram"))
+                spec,
+                blocks,
+                postcopy=bool(config.capabilities.get("postcopy-ram")),
+                state_dir=self.config.state_dir,
             )
         except BaseException:
             for b in blocks:
@@ -364,7 +401,7 @@ class Agent:
             seed=args.get("seed", 1),
             hugetlb=args.get("hugetlb", False),
         )
-        guest = await Guest.start(spec)
+        guest = await Guest.start(spec, state_dir=self.config.state_dir)
         if args.get("paused"):
             await guest.stop()
         entry = GuestEntry(name, spec, guest, status="paused" if args.get("paused") else "running")

@@ -1,0 +1,39 @@
+"""An agent that stops (SIGTERM) leaves its guests running; the next one adopts them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from agents.demo import agent_process, make_pki
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (userfaultfd, PAGEMAP_SCAN)")
+
+
+async def test_guests_outlive_an_agent_restart_and_are_adopted(short_tmp):
+    make_pki(short_tmp)
+    state = ["--state-dir", str(short_tmp / "state")]
+    async with agent_process(short_tmp, "source", listen=False, extra=state) as agent:
+        info = await agent.execute(
+            "guest-start", {"name": "vm1", "memory": "32M", "workload": "counter"}
+        )
+        pid = info["pid"]
+        before = (await agent.execute("guest-verify", {"guest": "vm1"}))["verified"]
+        assert before
+    # agent_process sent SIGTERM and reaped the agent: the guest must still be there.
+    assert os.path.exists(f"/proc/{pid}")
+    await trio.sleep(0.3)
+    async with agent_process(short_tmp, "source", listen=False, extra=state) as agent:
+        [guest] = await agent.execute("query-guests")
+        assert guest["name"] == "vm1" and guest["pid"] == pid and guest["status"] == "running"
+        check = await agent.execute("guest-verify", {"guest": "vm1", "method": "counter"})
+        assert check["verified"], check
+        await agent.execute("guest-stop", {"guest": "vm1"})
+    with trio.fail_after(10):
+        while (
+            os.path.exists(f"/proc/{pid}")
+            and "zombie" not in open(f"/proc/{pid}/status").read().lower()
+        ):
+            await trio.sleep(0.05)
