@@ -23,7 +23,7 @@ async def test_guests_outlive_an_agent_restart_and_are_adopted(short_tmp):
         before = (await agent.execute("guest-verify", {"guest": "vm1"}))["verified"]
         assert before
     # agent_process sent SIGTERM and reaped the agent: the guest must still be there.
-    assert os.path.exists(f"/proc/{pid}")
+    assert _alive(pid)
     await trio.sleep(0.3)
     async with agent_process(short_tmp, "source", listen=False, extra=state) as agent:
         [guest] = await agent.execute("query-guests")
