@@ -12,16 +12,22 @@ from agents.demo import agent_process, make_pki
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (userfaultfd, PAGEMAP_SCAN)")
 
 
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read().lower()
+    except FileNotFoundError:
+        return False
+
+
 async def test_guests_outlive_an_agent_restart_and_are_adopted(short_tmp):
     make_pki(short_tmp)
     state = ["--state-dir", str(short_tmp / "state")]
     async with agent_process(short_tmp, "source", listen=False, extra=state) as agent:
-        info = await agent.execute(
-            "guest-start", {"name": "vm1", "memory": "32M", "workload": "counter"}
-        )
+        info = await agent.execute("guest-start", {"name": "vm1", "memory": "32M", "workload": "counter"})
         pid = info["pid"]
-        before = (await agent.execute("guest-verify", {"guest": "vm1"}))["verified"]
-        assert before
+        assert (await agent.execute("guest-verify", {"guest": "vm1"}))["verified"]
     # agent_process sent SIGTERM and reaped the agent: the guest must still be there.
     assert _alive(pid)
     await trio.sleep(0.3)
@@ -32,8 +38,5 @@ async def test_guests_outlive_an_agent_restart_and_are_adopted(short_tmp):
         assert check["verified"], check
         await agent.execute("guest-stop", {"guest": "vm1"})
     with trio.fail_after(10):
-        while (
-            os.path.exists(f"/proc/{pid}")
-            and "zombie" not in open(f"/proc/{pid}/status").read().lower()
-        ):
+        while _alive(pid):
             await trio.sleep(0.05)
