@@ -169,6 +169,9 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            # Before the control socket exists (its existence means "ready"), so no
+            # client ever sees an agent that has not yet taken back its guests.
+            await self.adopt_orphans()
             if self.config.control:
                 await nursery.start(self.control.serve_unix, self.config.control)
             if self.config.control_tls:
@@ -190,7 +193,6 @@ class Agent:
                 self.config.control,
                 self.listen_port,
             )
-            await self.adopt_orphans()
             task_status.started(self)
             await trio.sleep_forever()
 
@@ -223,7 +225,9 @@ class Agent:
         from .vm.errors import GuestAttached, GuestGone
         from .vm.orphans import find_orphans
 
-        for record in find_orphans(self.config.state_dir):
+        orphans = find_orphans(self.config.state_dir)
+        log.debug("orphans in %s: %s", self.config.state_dir, [o.name for o in orphans])
+        for record in orphans:
             try:
                 guest = await Guest.adopt(record.socket)
             except (GuestAttached, GuestGone, OSError) as exc:
