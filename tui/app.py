@@ -15,6 +15,7 @@ for tests, :func:`main` for ``python -m tui.app``.
 from __future__ import annotations
 
 import argparse
+import os
 import ssl
 import sys
 import time
@@ -31,6 +32,10 @@ from textual.widgets import Footer, Static
 from tui.client import AgentAddress, tls_context
 from tui.screens import Confirm, MigrateForm, MigrateRequest, UriPrompt
 from tui.widgets.agent_pane import AgentPane, Clock
+
+DEFAULT_AGENT = "/run/godwit/control.sock"
+"""The agent's control socket when neither --agent nor $GODWIT_AGENT says otherwise
+(the same default as agents/cli.py's verbs; not imported: the TUI imports nothing from agents/)."""
 
 PANE_MIN_WIDTH = 80
 """Panes go side by side only when each can have this many columns."""
@@ -190,6 +195,12 @@ class GodwitApp(App[int]):
 
     # --- which keys are live -------------------------------------------------
 
+    def refresh_bindings(self) -> None:
+        # An agent's news may arrive while the app shuts down, after the last screen
+        # went: there is no footer left to refresh then, and asking would raise.
+        if self.screen_stack:
+            super().refresh_bindings()
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         command = ACTION_COMMANDS.get(action)
         if command is not None:
@@ -224,8 +235,12 @@ class GodwitApp(App[int]):
 
     def action_migrate(self) -> None:
         pane, guest = self.current, self._guest()
-        if guest is None:
-            return
+        if guest is not None:
+            self.run_worker(self._migrate_form(pane, guest), group="form", exclusive=True)
+
+    async def _migrate_form(self, pane: AgentPane, guest: str) -> None:
+        """Ask the agent for the guest's current settings, then open the form on them."""
+        capabilities, parameters = await pane.settings(guest)
 
         def start(request: MigrateRequest | None) -> None:
             if request is None:
@@ -239,7 +254,16 @@ class GodwitApp(App[int]):
             commands.append(("migrate", {"guest": guest, "uri": request.uri}))
             pane.send(commands, "migrate")
 
-        self.push_screen(MigrateForm(guest, pane.agent_name, self._uri_hint()), start)
+        self.push_screen(
+            MigrateForm(
+                guest,
+                pane.agent_name,
+                self._uri_hint(),
+                capabilities=capabilities,
+                parameters=parameters,
+            ),
+            start,
+        )
 
     def action_postcopy(self) -> None:
         if (guest := self._guest()) is not None:
@@ -327,9 +351,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--agent",
         action="append",
-        required=True,
         metavar="[NAME=]SOCKET|tls:HOST:PORT",
-        help="an agent's control socket; repeat for several (a pane each)",
+        help="an agent's control socket; repeat for several (a pane each); "
+        f"default: $GODWIT_AGENT or {DEFAULT_AGENT}",
     )
     parser.add_argument("--pki", type=Path, metavar="DIR", help="PKI directory for tls: agents")
     parser.add_argument(
@@ -337,8 +361,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(agents: Sequence[str], *, pki: Path | None = None, name: str | None = None) -> int:
-    """Run the TUI until the admin quits; the exit status for the CLI."""
+def default_agents() -> list[str]:
+    """The local agent's control socket, as every other ``godwit`` verb defaults to it."""
+    return [os.environ.get("GODWIT_AGENT") or DEFAULT_AGENT]
+
+
+def run(agents: Sequence[str] | None, *, pki: Path | None = None, name: str | None = None) -> int:
+    """Run the TUI until the admin quits; the exit status for the CLI.
+
+    No agents (no ``--agent`` given) means the local one: ``$GODWIT_AGENT``
+    or /run/godwit/control.sock.
+    """
+    agents = list(agents) if agents else default_agents()
     ctx = None
     if any(a.partition("=")[2].startswith("tls:") or a.startswith("tls:") for a in agents):
         if pki is None or name is None:

@@ -175,12 +175,18 @@ class MigrationInfo:
 
     @property
     def has_postcopy(self) -> bool:
-        """Whether there is anything postcopy-specific worth a line on screen."""
+        """Whether there is anything postcopy-specific worth a line on screen.
+
+        Agents report the postcopy figures (as zeros) as soon as postcopy-ram
+        is on, long before a switch; zeros in precopy are not worth two rows.
+        """
         return (
             (self.status or "").startswith("postcopy")
-            or self.ram.postcopy_requests is not None
-            or self.postcopy_blocktime is not None
-            or bool(self.postcopy_latency_dist)
+            or bool(self.ram.postcopy_requests)
+            or bool(self.ram.postcopy_bytes)
+            or bool(self.postcopy_blocktime)
+            or any(self.postcopy_latency_dist)
+            or bool(self.pauses)
         )
 
 
@@ -252,6 +258,9 @@ class GuestState:
     status: str | None = None
     role: str | None = None
     passes: int | None = None
+    pass_started: int | None = None
+    """The pass the last MIGRATION_PASS announced: it is under way, so it counts.
+    (``dirty-sync-count`` counts the passes whose dirty log was taken, one fewer.)"""
     throughput: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     dirty_rate: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
 
@@ -284,7 +293,7 @@ class GuestState:
         if info.role is not None:
             self.role = info.role
         if info.ram.dirty_sync_count is not None:
-            self.passes = info.ram.dirty_sync_count
+            self.passes = max(info.ram.dirty_sync_count, self.pass_started or 0)
         if sample:
             if info.ram.mbps is not None:
                 self.throughput.append(float(info.ram.mbps))
@@ -342,11 +351,14 @@ class AgentModel:
             status = _str(data, "status")
             if state is not None and status is not None:
                 state.status = status
+                if status == "setup":  # a new migration: its passes start again
+                    state.passes = state.pass_started = None
             return LogLine(when, f"migration {status or '?'}", name, status)
         if event.name == "MIGRATION_PASS":
             number = _int(data, "pass")
             if state is not None and number is not None:
-                state.passes = number
+                state.pass_started = number
+                state.passes = max(number, state.passes or 0)
             return LogLine(when, f"pass {number if number is not None else '?'}", name)
         if event.name == "STOP":
             return LogLine(when, "vCPUs stopped", name)

@@ -10,14 +10,17 @@ state still allows the command is checked again when the answer comes back.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
+from textual.content import Content
 from textual.screen import ModalScreen
+from textual.style import Style
 from textual.widgets import Button, Checkbox, Input, Label, Static
 
 from protocol.qapi import parse_size
@@ -31,6 +34,34 @@ CAPABILITIES: tuple[tuple[str, str], ...] = (
     ("pause-before-switchover", "pause before switchover"),
 )
 """Capabilities the form offers, as ``migrate-set-capabilities`` names them."""
+
+PARAMETER_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("downtime-limit", "downtime limit (ms)", "agent default"),
+    ("max-bandwidth", "bandwidth (bytes/s)", "unlimited; e.g. 500M"),
+    ("max-postcopy-bandwidth", "postcopy bandwidth", "unlimited; e.g. 50M"),
+    ("multifd-channels", "multifd channels", "agent default"),
+)
+"""Parameters the form offers: name, label, placeholder (what an empty field means)."""
+
+BANDWIDTHS = frozenset({"max-bandwidth", "max-postcopy-bandwidth"})
+"""Parameters where 0 means unlimited: an emptied field sets them to 0."""
+
+
+def size_text(n: int) -> str:
+    """A byte count the way an admin would type it (``8M``), exact, or plain digits."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def parameter_text(key: str, value: Any) -> str:
+    """How the agent's current value of ``key`` is shown in its field ("" = placeholder)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return ""
+    if key in BANDWIDTHS:
+        return size_text(value) if value else ""
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -52,7 +83,7 @@ _MODAL_CSS = """
 {name} .hint {{ color: $text-muted; width: 100%; }}
 {name} .problem {{ color: $text-error; width: 100%; height: auto; }}
 {name} Checkbox {{ border: none; height: 1; padding: 0; background: transparent; }}
-{name} Checkbox:focus {{ background: $accent 30%; }}
+{name} Checkbox:focus {{ border: none; background: $accent 30%; }}
 {name} Button {{ margin: 0 1 0 0; }}
 """
 
@@ -63,6 +94,24 @@ def _check_uri(text: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
+
+
+class Tick(Checkbox):
+    """A checkbox that says on or off in its glyph, not only in its colour.
+
+    Textual draws ``X`` either way and tells them apart by colour alone,
+    which a monochrome terminal (or tmux without colours) loses.
+    """
+
+    @property
+    def _button(self) -> Content:
+        button_style = self.get_visual_style("toggle--button")
+        side_style = Style(foreground=button_style.background, background=self.background_colors[1])
+        return Content.assemble(
+            (self.BUTTON_LEFT, side_style),
+            ("X" if self.value else " ", button_style),
+            (self.BUTTON_RIGHT, side_style),
+        )
 
 
 class MigrateForm(ModalScreen[MigrateRequest | None]):
@@ -79,11 +128,28 @@ class MigrateForm(ModalScreen[MigrateRequest | None]):
     )
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "close", "Close")]
 
-    def __init__(self, guest: str, agent: str, uri: str = "") -> None:
+    def __init__(
+        self,
+        guest: str,
+        agent: str,
+        uri: str = "",
+        *,
+        capabilities: Mapping[str, bool] | None = None,
+        parameters: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``capabilities``/``parameters``: the agent's current settings for the guest
+        (``query-migrate-capabilities``/``-parameters``), so the form starts from them and
+        never silently undoes what an admin set another way."""
         super().__init__()
         self.guest = guest
         self.agent = agent
         self.initial_uri = uri
+        self.initial_caps = {
+            name: bool((capabilities or {}).get(name, False)) for name, _ in CAPABILITIES
+        }
+        self.initial_params = {
+            key: parameter_text(key, (parameters or {}).get(key)) for key, _, _ in PARAMETER_FIELDS
+        }
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -91,15 +157,14 @@ class MigrateForm(ModalScreen[MigrateRequest | None]):
             with Grid():
                 yield Label("destination URI")
                 yield Input(self.initial_uri, placeholder="tls:HOST:PORT", id="uri", compact=True)
-                yield Label("downtime limit (ms)")
-                yield Input(placeholder="agent default", id="downtime-limit", compact=True)
-                yield Label("bandwidth (bytes/s)")
-                yield Input(placeholder="unlimited; e.g. 500M", id="max-bandwidth", compact=True)
-                yield Label("multifd channels")
-                yield Input(placeholder="agent default", id="multifd-channels", compact=True)
+                for key, label, placeholder in PARAMETER_FIELDS:
+                    yield Label(label)
+                    yield Input(
+                        self.initial_params[key], placeholder=placeholder, id=key, compact=True
+                    )
             with Vertical(id="caps"):
                 for name, label in CAPABILITIES:
-                    yield Checkbox(label, id=name)
+                    yield Tick(label, self.initial_caps[name], id=name)
             yield Static("", classes="problem", id="problem")
             with Horizontal(id="buttons"):
                 yield Button("Start", variant="primary", id="start", compact=True)
@@ -132,21 +197,25 @@ class MigrateForm(ModalScreen[MigrateRequest | None]):
         if problem:
             self._problem(problem)
             return
-        caps = {name: self.query_one(f"#{name}", Checkbox).value for name, _ in CAPABILITIES}
+        caps = {name: self.query_one(f"#{name}", Tick).value for name, _ in CAPABILITIES}
         if caps["postcopy-preempt"] and not caps["postcopy-ram"]:
             self._problem("the preempt channel needs postcopy")
             return
         params: dict[str, int] = {}
-        for key in ("downtime-limit", "max-bandwidth", "multifd-channels"):
+        for key, _, _ in PARAMETER_FIELDS:
             text = self.query_one(f"#{key}", Input).value.strip()
+            if text == self.initial_params[key]:
+                continue  # unchanged: the agent keeps what it has
             if not text:
+                if key in BANDWIDTHS:
+                    params[key] = 0  # emptied: back to unlimited
                 continue
             try:
-                value = parse_size(text) if key == "max-bandwidth" else int(text)
+                value = parse_size(text) if key in BANDWIDTHS else int(text)
             except ValueError:
                 self._problem(f"{key}: {text!r} is not a number")
                 return
-            if value <= 0:
+            if value < 0 or (value == 0 and key not in BANDWIDTHS):
                 self._problem(f"{key}: must be more than 0")
                 return
             params[key] = value

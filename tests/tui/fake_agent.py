@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from protocol.control import ServerConnection
+from protocol.options import CAPABILITIES, PARAMETERS
 
 T = TypeVar("T")
 
@@ -30,7 +31,16 @@ WHEN = 1_700_000_000.0
 
 VERSION = {"qemu": {"major": 9, "minor": 2, "micro": 0}, "package": "godwit 0.1.0"}
 
-QUERIES = frozenset({"query-guests", "query-migrate", "query-status", "query-version"})
+QUERIES = frozenset(
+    {
+        "query-guests",
+        "query-migrate",
+        "query-status",
+        "query-version",
+        "query-migrate-capabilities",
+        "query-migrate-parameters",
+    }
+)
 
 
 class FakeAgent:
@@ -49,6 +59,9 @@ class FakeAgent:
         self.port = 0
         self.guests: list[dict[str, Any]] = guests if guests is not None else []
         self.migrations: dict[str, dict[str, Any]] = {}
+        self.capabilities: dict[str, dict[str, bool]] = {}
+        self.parameters: dict[str, dict[str, Any]] = {}
+        """Per guest, what migrate-set-* set, over protocol/'s defaults (as an agent keeps them)."""
         self.errors: dict[str, str] = {}
         """Command name → the desc of the error it is answered with."""
         self.hang_up_on: set[str] = set()
@@ -160,6 +173,17 @@ class FakeAgent:
             return conn.reply(copy.deepcopy(self.guests), ident)
         if name == "query-migrate":
             return conn.reply(copy.deepcopy(self.migrations.get(args.get("guest", ""), {})), ident)
+        guest = str(args.get("guest", ""))
+        caps = self.capabilities.setdefault(guest, {k: c.default for k, c in CAPABILITIES.items()})
+        params = self.parameters.setdefault(guest, {k: p.default for k, p in PARAMETERS.items()})
+        if name == "query-migrate-capabilities":
+            return conn.reply([{"capability": k, "state": v} for k, v in caps.items()], ident)
+        if name == "query-migrate-parameters":
+            return conn.reply(dict(params), ident)
+        if name == "migrate-set-capabilities":
+            caps.update({c["capability"]: c["state"] for c in args.get("capabilities", [])})
+        if name == "migrate-set-parameters":
+            params.update({k: v for k, v in args.items() if k != "guest"})
         return conn.reply({}, ident)
 
 

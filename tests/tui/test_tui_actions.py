@@ -19,7 +19,7 @@ from textual.widgets import Input
 
 from protocol.states import MigrationStatus, Role, allowed_commands
 from tui.app import ACTION_COMMANDS, GodwitApp
-from tui.screens import Confirm, MigrateForm, UriPrompt
+from tui.screens import Confirm, MigrateForm, Tick, UriPrompt
 
 pytestmark = pytest.mark.asyncio  # collected as asyncio items (strict mode needs the mark early)
 
@@ -67,15 +67,23 @@ async def wait_actions(pilot: Pilot[Any], fake: FakeAgent, n: int) -> list[tuple
     return fake.actions()
 
 
+async def open_form(pilot: Pilot[Any]) -> MigrateForm:
+    """Press m and wait for the form (it opens once the agent said what is set now)."""
+    await pilot.press("m")
+    await eventually(lambda: isinstance(pilot.app.screen, MigrateForm), pause(pilot))
+    form = pilot.app.screen
+    assert isinstance(form, MigrateForm)
+    return form
+
+
 async def test_start_migration_form_sends_capabilities_parameters_then_migrate() -> None:
     fake = fake_in("source", "none")
     async with session(fake) as pilot:
-        await pilot.press("m")
-        form = pilot.app.screen
-        assert isinstance(form, MigrateForm)
+        form = await open_form(pilot)
         form.query_one("#uri", Input).value = "tls:dst.lab:4444"
-        form.query_one("#downtime-limit", Input).value = "300"
+        form.query_one("#downtime-limit", Input).value = "250"
         await pilot.press("tab", "tab", *"5G")  # bandwidth, typed
+        await pilot.press("tab", *"64M")  # postcopy bandwidth
         await pilot.press("tab", "4")  # multifd channels
         await pilot.press("tab", "space")  # postcopy
         await pilot.press("tab", "space")  # preempt
@@ -100,8 +108,9 @@ async def test_start_migration_form_sends_capabilities_parameters_then_migrate()
             "migrate-set-parameters",
             {
                 "guest": "vm1",
-                "downtime-limit": 300,
+                "downtime-limit": 250,
                 "max-bandwidth": 5 << 30,
+                "max-postcopy-bandwidth": 64 << 20,
                 "multifd-channels": 4,
             },
         ),
@@ -109,13 +118,37 @@ async def test_start_migration_form_sends_capabilities_parameters_then_migrate()
     ]
 
 
+async def test_the_form_starts_from_the_agents_settings_and_sends_only_changes() -> None:
+    """What an admin set another way (the CLI, a script) is shown, and kept unless changed."""
+    fake = fake_in("source", "none")
+    fake.capabilities["vm1"] = {"postcopy-ram": True, "postcopy-preempt": True}
+    fake.parameters["vm1"] = {"max-bandwidth": 8 << 20, "downtime-limit": 500, "keepalive-ms": 300}
+    async with session(fake) as pilot:
+        form = await open_form(pilot)
+        assert form.query_one("#max-bandwidth", Input).value == "8M"
+        assert form.query_one("#downtime-limit", Input).value == "500"
+        assert form.query_one("#max-postcopy-bandwidth", Input).value == ""  # unset: unlimited
+        assert form.query_one("#postcopy-ram", Tick).value is True
+        assert form.query_one("#multifd", Tick).value is False
+        # On and off differ in the glyph, not only in colour (tmux without colours, mono).
+        assert str(form.query_one("#postcopy-ram", Tick).render()).startswith("▐X▌")
+        assert str(form.query_one("#multifd", Tick).render()).startswith("▐ ▌")
+        form.query_one("#uri", Input).value = "tls:dst.lab:4444"
+        form.query_one("#max-bandwidth", Input).value = ""  # emptied: unlimited again
+        await pilot.press("enter")
+        actions = await wait_actions(pilot, fake, 3)
+    caps = {c["capability"]: c["state"] for c in actions[0][1]["capabilities"]}
+    assert caps["postcopy-ram"] and caps["postcopy-preempt"] and not caps["multifd"]
+    assert actions[1] == ("migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 0})
+    assert actions[2] == ("migrate", {"guest": "vm1", "uri": "tls:dst.lab:4444"})
+
+
 async def test_migrate_form_refuses_a_bad_uri_and_sends_nothing() -> None:
     fake = fake_in("source", "none")
     async with session(fake) as pilot:
-        await pilot.press("m")
-        pilot.app.screen.query_one("#uri", Input).value = "dst.lab:4444"
+        form = await open_form(pilot)
+        form.query_one("#uri", Input).value = "dst.lab:4444"
         await pilot.press("enter")
-        form = pilot.app.screen
         assert isinstance(form, MigrateForm)  # still open, with the reason shown
         assert "scheme must be one of" in str(form.query_one("#problem").render())
         await pilot.press("escape")
@@ -127,8 +160,7 @@ async def test_migrate_form_refuses_a_bad_uri_and_sends_nothing() -> None:
 async def test_migrate_without_parameters_sends_no_set_parameters() -> None:
     fake = fake_in("source", "completed", sc.completed())
     async with session(fake) as pilot:
-        await pilot.press("m")
-        form = pilot.app.screen
+        form = await open_form(pilot)
         assert form.query_one("#uri", Input).value == "tls:dst.lab:4444"  # last URI offered
         await pilot.press("enter")
         actions = await wait_actions(pilot, fake, 2)

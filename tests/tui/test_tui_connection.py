@@ -15,6 +15,7 @@ from fake_agent import WHEN, FakeAgent, eventually
 from agents.pki import init_ca, issue_cert
 from tui.app import GodwitApp
 from tui.client import tls_context
+from tui.screens import MigrateForm
 from tui.widgets.agent_pane import AgentPane, PaneTitle
 
 pytestmark = pytest.mark.asyncio
@@ -211,7 +212,7 @@ async def test_agent_text_is_never_taken_for_markup() -> None:
         wait = lambda: pilot.pause(0.01)  # noqa: E731
         await eventually(lambda: pane.refreshes > 0, wait)
         await pilot.press("m")
-        await pilot.pause()
+        await eventually(lambda: isinstance(app.screen, MigrateForm), wait)
         app.screen.query_one("#uri").value = "tls:[::1"  # type: ignore[attr-defined]
         await pilot.press("enter")
         app.screen.query_one("#uri").value = "tls:[::1]:4444"  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ from fake_agent import WHEN, FakeAgent, ThreadedFake, eventually
 from textual.pilot import Pilot
 
 from tui.app import GodwitApp
+from tui.screens import MigrateForm
 from tui.widgets.eventlog import EventLog
 
 Story = list[tuple[str, dict[str, Any]]]
@@ -50,7 +51,9 @@ def shoot(
     size: tuple[int, int] = (80, 24),
     press: tuple[str, ...] = (),
     connect: bool = True,
+    form: tuple[str, ...] | None = None,
 ) -> bool:
+    """``form``: open the migrate form (m), wait for it, then press these keys in it."""
     with contextlib.ExitStack() as stack:
         threads = [ThreadedFake(f) for f in fakes]
         if connect:
@@ -92,6 +95,10 @@ def shoot(
                     )
 
                 await eventually(settled, wait)
+            if form is not None:
+                await pilot.press("m")
+                await eventually(lambda: isinstance(app.screen, MigrateForm), wait)
+                await pilot.press(*form)
 
         return snap_compare(app, terminal_size=size, run_before=run_before, press=press)
 
@@ -168,4 +175,5 @@ def test_pair_side_by_side_when_paused(snap_compare: Callable[..., bool]) -> Non
 
 def test_migrate_form_fits_80x24(snap_compare: Callable[..., bool]) -> None:
     fake = agent("src", None)
-    assert shoot(snap_compare, [fake], press=("m",))
+    # Focus on the postcopy box, switched on: the focused box keeps its one row and its label.
+    assert shoot(snap_compare, [fake], form=("tab",) * 5 + ("space",))

@@ -8,7 +8,7 @@ from textual.binding import Binding
 
 from protocol.control import Event
 from tui import formatting as fmt
-from tui.app import ACTION_COMMANDS, GodwitApp, agent_label, run
+from tui.app import ACTION_COMMANDS, GodwitApp, agent_label, build_parser, default_agents, run
 from tui.client import AgentAddress
 from tui.model import AgentModel, parse_guests, parse_migration_info
 from tui.widgets.postcopy import histogram
@@ -148,3 +148,13 @@ def test_run_refuses_tls_without_pki(capsys: pytest.CaptureFixture[str]) -> None
     assert run(["tls:dst:4445"]) == 2
     assert "--pki" in capsys.readouterr().err
     assert run(["tcp:dst:4445"]) == 2
+
+
+def test_without_agent_the_local_agents_socket_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert build_parser().parse_args([]).agent is None
+    monkeypatch.delenv("GODWIT_AGENT", raising=False)
+    assert default_agents() == ["/run/godwit/control.sock"]
+    monkeypatch.setenv("GODWIT_AGENT", "/srv/godwit/ctl.sock")
+    assert default_agents() == ["/srv/godwit/ctl.sock"]
+    args = build_parser().parse_args(["--agent", "a.sock", "--agent", "b=tls:h:1"])
+    assert args.agent == ["a.sock", "b=tls:h:1"]

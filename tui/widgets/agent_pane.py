@@ -259,6 +259,29 @@ class AgentPane(Vertical):
         self.refreshes += 1
         self.redraw()
 
+    async def settings(self, guest: str) -> tuple[dict[str, bool], dict[str, Any]]:
+        """The guest's capabilities and parameters as the agent has them now.
+
+        Empty when the agent cannot say (gone, refused, nonsense): the form then
+        starts from blank fields, which it treats as "leave as is".
+        """
+        capabilities: dict[str, bool] = {}
+        parameters: dict[str, Any] = {}
+        try:
+            caps = await self.client.execute("query-migrate-capabilities", {"guest": guest})
+            params = await self.client.execute("query-migrate-parameters", {"guest": guest})
+        except (CommandError, AgentUnavailable) as exc:
+            desc = exc.desc if isinstance(exc, CommandError) else str(exc)
+            self._note(f"current settings unknown: {desc}", "warning", guest)
+            return capabilities, parameters
+        if isinstance(caps, list):
+            for item in caps:
+                if isinstance(item, dict) and isinstance(item.get("capability"), str):
+                    capabilities[item["capability"]] = item.get("state") is True
+        if isinstance(params, dict):
+            parameters = {k: v for k, v in params.items() if isinstance(k, str)}
+        return capabilities, parameters
+
     def send(self, commands: Sequence[tuple[str, dict[str, Any]]], needs: str) -> None:
         """Send commands in order for the selected guest, stopping at the first refusal.
 

@@ -43,23 +43,29 @@ def histogram(dist: Sequence[int]) -> Text:
 
 
 class PostcopyPanel(Static):
-    """Shown once a migration has postcopy figures; hidden in plain precopy."""
+    """Shown once a migration has postcopy figures; hidden in plain precopy.
 
-    DEFAULT_CSS = "PostcopyPanel { height: 2; display: none; }"
+    The source only serves page requests, so it gets one line; blocktime and
+    fault latencies are the destination's to measure, and only it shows them.
+    """
+
+    DEFAULT_CSS = "PostcopyPanel { height: auto; max-height: 2; display: none; }"
 
     def show(self, state: GuestState | None) -> None:
         info = state.info if state is not None else None
-        if info is None or not info.has_postcopy:
+        if state is None or info is None or not info.has_postcopy:
             self.display = False
             return
         self.display = True
-        avg_us = info.postcopy_latency_ns / 1000 if info.postcopy_latency_ns is not None else None
-        first = Text.assemble(
-            ("postcopy  requests ", "dim"),
-            fmt.count(info.ram.postcopy_requests),
-            ("  blocktime ", "dim"),
-            fmt.millis(info.postcopy_blocktime),
-        )
+        pair = state.effective()
+        destination = pair is not None and pair[0].value == "destination"
+        first = Text.assemble(("postcopy  requests ", "dim"), fmt.count(info.ram.postcopy_requests))
+        if destination:
+            first.append_text(
+                Text.assemble(("  blocktime ", "dim"), fmt.millis(info.postcopy_blocktime))
+            )
+        else:
+            first.append_text(Text.assemble(("  sent ", "dim"), fmt.size(info.ram.postcopy_bytes)))
         if info.pauses:
             first.append_text(
                 Text.assemble(
@@ -69,10 +75,19 @@ class PostcopyPanel(Static):
                     str(info.recoveries or 0),
                 )
             )
-        second = Text.assemble(
-            ("faults avg ", "dim"), fmt.micros(avg_us), "  ", histogram(info.postcopy_latency_dist)
-        )
-        for line in (first, second):
+        lines = [first]
+        if destination:
+            avg_ns = info.postcopy_latency_ns
+            avg_us = avg_ns / 1000 if avg_ns else None
+            lines.append(
+                Text.assemble(
+                    ("faults avg ", "dim"),
+                    fmt.micros(avg_us),
+                    "  ",
+                    histogram(info.postcopy_latency_dist),
+                )
+            )
+        for line in lines:
             line.no_wrap = True
             line.overflow = "ellipsis"
-        self.update(Text("\n").join([first, second]))
+        self.update(Text("\n").join(lines))
