@@ -188,9 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="two agents, fresh PKI, a guest, a migration, a verification")
     p.add_argument("--json", action="store_true", help="print only the JSON summary")
-    p.add_argument("--scenario", default="precopy", choices=["precopy"], help="what to demonstrate")
-    p.add_argument("--memory", default="256M")
-    p.add_argument("--workload", default="counter")
+    p.add_argument(
+        "--scenario",
+        default="full",
+        choices=["full", "precopy", "postcopy", "preempt", "recovery", "mapped-ram"],
+        help="what to demonstrate (default: %(default)s — precopy, postcopy with preempt, "
+        "a cut link, recovery)",
+    )
+    p.add_argument("--memory", help="guest RAM (default 1G for full, 256M otherwise)")
+    p.add_argument("--workload", help="guest workload (default: counter; full: a read-only stress)")
+    p.add_argument("--no-tui", action="store_true", help="plain progress even on a terminal")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory and print it")
     return parser
 

@@ -43,6 +43,7 @@ log = logging.getLogger("godwit.transport")
 
 HELLO_TIMEOUT = 10.0
 DIAL_TIMEOUT = 10.0
+USER_TIMEOUT_FLOOR_MS = 20_000
 
 
 @dataclass
@@ -100,8 +101,12 @@ def keepalive(stream: Any, keepalive_ms: int) -> None:
     if sock is None or keepalive_ms <= 0:
         return
     seconds = max(1, keepalive_ms // 1000)
+    # TCP_USER_TIMEOUT is only the backstop: PING/PONG pauses postcopy at 3 x
+    # keepalive-ms.  Tight values kill healthy links on a loaded host (a second of
+    # unacknowledged data is normal there), which in precopy fails the migration.
+    user_timeout_ms = max(USER_TIMEOUT_FLOOR_MS, 3 * keepalive_ms)
     try:
-        set_keepalive(sock, idle_s=seconds, interval_s=1, count=3, user_timeout_ms=keepalive_ms * 2)
+        set_keepalive(sock, idle_s=seconds, interval_s=1, count=3, user_timeout_ms=user_timeout_ms)
     except OSError as exc:  # never fatal: PING/PONG still detects hangs
         log.debug("keepalive not set: %s", exc)
 
