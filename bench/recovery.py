@@ -60,8 +60,16 @@ ACTIVE = "postcopy-active"
 
 
 async def poll_until(agent: A.Agent, status: str, timeout: float) -> float:
-    _, t = await A.wait_status(agent, G, {status}, timeout=timeout, poll=0.005)
-    return t
+    """Poll every 5 ms; the destination may not know the guest yet (incoming setup)."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                info = await agent.q(G)
+            except A.CommandFailed:
+                info = {}
+            if info.get("status") == status:
+                return time.time()
+            await trio.sleep(0.005)
 
 
 async def both_reach(
@@ -84,7 +92,9 @@ async def both_reach(
     return out
 
 
-async def size_case(size: int, rounds: int, keepalive_ms: int, bw: int) -> dict[str, Any]:
+async def size_case(
+    size: int, rounds: int, keepalive_ms: int, bw: int, finish_timeout: float
+) -> dict[str, Any]:
     res: dict[str, Any] = {"size": size, "pauses": [], "resumes": [], "note": ""}
     deadline = 3 * keepalive_ms / 1000
     async with A.agent_pair("bench-recovery") as pair:
@@ -138,10 +148,14 @@ async def size_case(size: int, rounds: int, keepalive_ms: int, bw: int) -> dict[
             t_fin = time.monotonic()
             try:
                 info, _ = await A.wait_status(
-                    src, G, {"completed", "failed"}, timeout=300, poll=0.05
+                    src, G, {"completed", "failed"}, timeout=finish_timeout, poll=0.05
                 )
             except trio.TooSlowError:
-                res["finish"] = "did not complete within 300 s after the cap was lifted"
+                res["finish"] = (
+                    f"did not complete within {finish_timeout:.0f} s after the cap was lifted: "
+                    f"source {await summary(src)}; destination {await summary(dst)}; "
+                    f"proxy {proxy.status()}"
+                )
                 return res
             res["finish_s"] = time.monotonic() - t_fin
             res["status"] = info["status"]
@@ -157,6 +171,25 @@ async def size_case(size: int, rounds: int, keepalive_ms: int, bw: int) -> dict[
             else:
                 res["verified"] = f"failed: {info.get('error-desc')}"
     return res
+
+
+async def summary(agent: A.Agent) -> str:
+    """What a stalled migration looks like from one side (for the report)."""
+    try:
+        i = await agent.q(G)
+    except (A.CommandFailed, A.AgentGone) as exc:
+        return str(exc)
+    ram = i.get("ram", {})
+    chans = [
+        f"{c['name']}:{c.get('bytes-sent')}/{c.get('bytes-received')}"
+        f"@{c.get('last-frame-age-ms')}ms"
+        for c in i.get("channels", [])
+    ]
+    return (
+        f"{i.get('status')} remaining {ram.get('remaining')} transferred {ram.get('transferred')} "
+        f"postcopy-requests {ram.get('postcopy-requests')} pauses {i.get('pauses')} "
+        f"recoveries {i.get('recoveries')} channels {chans} error {i.get('error-desc')!r}"
+    )
 
 
 def fmt(values: list[float]) -> str:
@@ -175,6 +208,12 @@ def main() -> int:
     ap.add_argument(
         "--postcopy-bandwidth", type=int, default=8_000_000, help="background cap, bytes/s"
     )
+    ap.add_argument(
+        "--finish-timeout",
+        type=float,
+        default=120,
+        help="seconds to wait for completion after the cap is lifted",
+    )
     args = ap.parse_args()
     sizes = [256 * A.MIB, A.GIB] if args.quick else [A.GIB, 4 * A.GIB]
     rounds = args.rounds or (1 if args.quick else 2)
@@ -188,12 +227,20 @@ def main() -> int:
         started,
     )
     results = [
-        trio.run(size_case, s, rounds, args.keepalive_ms, args.postcopy_bandwidth) for s in sizes
+        trio.run(
+            size_case, s, rounds, args.keepalive_ms, args.postcopy_bandwidth, args.finish_timeout
+        )
+        for s in sizes
     ]
 
+    bound_ms = 4 * args.keepalive_ms
     print(
         "\npause detection: fault injected -> postcopy-paused (MIGRATION event time; polled every "
         "5 ms in brackets)"
+    )
+    print(
+        f"  (the agents check the {deadline_ms} ms PONG deadline once per keepalive interval, "
+        f"so a hang is noticed {2 * args.keepalive_ms}-{bound_ms} ms after it starts by design)"
     )
     for fault in ("cut", "blackhole"):
         rows = [p for r in results for p in r["pauses"] if p["fault"] == fault]
@@ -212,8 +259,9 @@ def main() -> int:
         worst = max(both)
         print(
             f"  {fault:<9} {'both':<11} {fmt(both)}   [poll median {statistics.median(both_poll):.1f} ms]"
-            f" | deadline {deadline_ms} ms: worst x{worst / deadline_ms:.2f}"
-            f" -> {'within' if worst <= deadline_ms else 'OVER'} the deadline"
+            f" | deadline {deadline_ms} ms: median x{statistics.median(both) / deadline_ms:.2f},"
+            f" worst x{worst / deadline_ms:.2f} -> {'within' if worst <= deadline_ms else 'OVER'}"
+            f" the deadline, {'within' if worst <= bound_ms else 'OVER'} the {bound_ms} ms bound"
         )
 
     print(
