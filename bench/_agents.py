@@ -34,7 +34,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agents import pki
-from agents.client import AgentGone, CommandFailed, ControlClient, open_client
+from agents.client import AgentGone as AgentGone
+from agents.client import CommandFailed as CommandFailed
+from agents.client import ControlClient, open_client
 
 GIB = 1 << 30
 MIB = 1 << 20

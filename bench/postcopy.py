@@ -238,14 +238,14 @@ def main() -> int:
         f"  baseline: 32 B request -> 4 KiB reply between two processes, idle link, "
         f"{args.rtt} round trips, exact; before / after the migrations"
     )
-    for name, b, b2 in (
+    for name, r1, r2 in (
         ("blocking ssl pair", ssl_b, base_after["ssl"]),
         ("plain TCP", tcp_b, base_after["tcp"]),
     ):
         print(
-            f"    {name:<18} p50 {np.percentile(b, 50):7.1f} / {np.percentile(b2, 50):7.1f} µs   "
-            f"p99 {np.percentile(b, 99):7.1f} / {np.percentile(b2, 99):7.1f} µs   "
-            f"max {b.max():8.1f} / {b2.max():8.1f} µs"
+            f"    {name:<18} p50 {np.percentile(r1, 50):7.1f} / {np.percentile(r2, 50):7.1f} µs   "
+            f"p99 {np.percentile(r1, 99):7.1f} / {np.percentile(r2, 99):7.1f} µs   "
+            f"max {r1.max():8.1f} / {r2.max():8.1f} µs"
         )
     ref50, ref99 = float(np.percentile(ssl_b, 50)), float(np.percentile(ssl_b, 99))
     print(f"  {'':<22} {'preempt off':>22} {'preempt on':>22}   on/off   on vs ssl RTT")
