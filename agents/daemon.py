@@ -497,8 +497,11 @@ class Agent:
         mig = entry.migration
         if isinstance(mig, OutgoingMigration) and not is_terminal(mig.state.status):
             mig.parameters.update(params)
-            if "max-bandwidth" in params and mig.ram is not None:
-                mig.ram.limiter.rate = float(params["max-bandwidth"])
+            if mig.ram is not None:
+                # The limiter in force is precopy's or postcopy's cap, by phase.
+                key = "max-postcopy-bandwidth" if mig.state.status.startswith("postcopy") else "max-bandwidth"
+                if key in params:
+                    mig.ram.limiter.rate = float(params[key])
         return {}
 
     def _check_allowed(self, entry: GuestEntry, command: str, role: Role) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 
 import pytest
 import trio
@@ -24,6 +27,16 @@ def _alive(pid: int) -> bool:
 async def test_guests_outlive_an_agent_restart_and_are_adopted(short_tmp):
     make_pki(short_tmp)
     state = ["--state-dir", str(short_tmp / "state")]
+    try:
+        await _story(short_tmp, state)
+    finally:
+        # A guest outlives its agent by design: never leave one behind, pass or fail.
+        for record in (short_tmp / "state" / "guests").glob("*.json"):
+            with contextlib.suppress(ProcessLookupError, ValueError, OSError):
+                os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)
+
+
+async def _story(short_tmp, state):
     async with agent_process(short_tmp, "source", listen=False, extra=state) as agent:
         info = await agent.execute("guest-start", {"name": "vm1", "memory": "32M", "workload": "counter"})
         pid = info["pid"]
