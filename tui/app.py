@@ -29,6 +29,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.widgets import Footer, Static
 
+from protocol.uri import parse_uri
 from tui.client import AgentAddress, tls_context
 from tui.screens import Confirm, MigrateForm, MigrateRequest, UriPrompt
 from tui.widgets.agent_pane import AgentPane, Clock
@@ -218,9 +219,17 @@ class GodwitApp(App[int]):
         return state.name if state is not None else None
 
     def _uri_hint(self) -> str:
+        """The migration's URI to offer again, if it is one (a destination may
+        report where the migration came from instead, which is no address to use)."""
         state = self.current.current
         info = state.info if state is not None else None
-        return info.uri if info is not None and info.uri else ""
+        if info is None or not info.uri:
+            return ""
+        try:
+            parse_uri(info.uri)
+        except ValueError:
+            return ""
+        return info.uri
 
     def action_select_agent(self, index: int) -> None:
         if 0 <= index < len(self.panes):

@@ -261,6 +261,10 @@ class GuestState:
     pass_started: int | None = None
     """The pass the last MIGRATION_PASS announced: it is under way, so it counts.
     (``dirty-sync-count`` counts the passes whose dirty log was taken, one fewer.)"""
+    recovering: str | None = None
+    """The URI a migrate-recover from this TUI listens on, until the status moves on:
+    the destination stays postcopy-paused until the source resumes, and the admin should
+    see that its part is done."""
     throughput: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     dirty_rate: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
 
@@ -286,10 +290,15 @@ class GuestState:
         pair = self.effective()
         return frozenset() if pair is None else allowed_commands(*pair)
 
+    def set_status(self, status: str) -> None:
+        if status != self.status:
+            self.recovering = None
+        self.status = status
+
     def apply_info(self, info: MigrationInfo, *, sample: bool) -> None:
         self.info = info
         if info.status is not None:
-            self.status = info.status
+            self.set_status(info.status)
         if info.role is not None:
             self.role = info.role
         if info.ram.dirty_sync_count is not None:
@@ -327,7 +336,7 @@ class AgentModel:
             state = self.guests.get(g.name) or GuestState(g)
             state.guest = g
             if g.migration_status is not None:
-                state.status = g.migration_status
+                state.set_status(g.migration_status)
             if g.role is not None:
                 state.role = g.role
             fresh[g.name] = state
@@ -350,7 +359,7 @@ class AgentModel:
         if event.name == "MIGRATION":
             status = _str(data, "status")
             if state is not None and status is not None:
-                state.status = status
+                state.set_status(status)
                 if status == "setup":  # a new migration: its passes start again
                     state.passes = state.pass_started = None
             return LogLine(when, f"migration {status or '?'}", name, status)

@@ -205,6 +205,31 @@ async def test_recover_on_the_destination_asks_for_the_uri() -> None:
     assert actions == [("migrate-recover", {"guest": "vm1", "uri": "tls:0.0.0.0:4455"})]
 
 
+async def test_after_recover_the_destination_says_its_part_is_done() -> None:
+    """A real destination stays postcopy-paused until the source resumes, and reports
+    where the migration came from as its ``uri``: no address to offer for recover."""
+    info = sc.paused("destination")
+    info["uri"] = "from source"
+    info["error-desc"] = "paused: TLS connection with 10.0.0.1:4444 failed: Broken pipe"
+    fake = fake_in("destination", "postcopy-paused", info)
+    async with session(fake) as pilot:
+        pane = pilot.app.panes[0]
+        assert "why: paused: TLS connection" in str(pane.query_one("ErrorLine").render())
+        await pilot.press("r")
+        prompt = pilot.app.screen
+        assert isinstance(prompt, UriPrompt)
+        assert prompt.query_one(Input).value == ""  # "from source" is not a URI
+        prompt.query_one(Input).value = "tls:0.0.0.0:4455"
+        await pilot.press("enter")
+        await wait_actions(pilot, fake, 1)
+        line = pane.query_one("StatusLine")
+        await eventually(lambda: "ready: resume the source" in str(line.render()), pause(pilot))
+        fake.set_migration("vm1", {**info, "status": "postcopy-recover"})
+        await fake.push_event("MIGRATION", {"guest": "vm1", "status": "postcopy-recover"})
+        await eventually(lambda: "ready" not in str(line.render()), pause(pilot))
+        assert "received 960 MiB of a 1.00 GiB guest" in str(pane.query_one("TransferBar").render())
+
+
 async def test_resume_on_the_source_is_migrate_with_resume() -> None:
     fake = fake_in("source", "postcopy-paused", sc.paused("source"))
     async with session(fake) as pilot:

@@ -22,6 +22,7 @@ from typing import Any
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.widgets import Static
 
@@ -151,8 +152,15 @@ class AgentPane(Vertical):
 
     # --- handlers -----------------------------------------------------------
 
+    def _log(self, line: LogLine) -> None:
+        try:
+            log = self.query_one(EventLog)
+        except NoMatches:  # the app is shutting down and took the children first
+            return
+        log.add(line)
+
     def _note(self, text: str, severity: str = "info", guest: str | None = None) -> None:
-        self.query_one(EventLog).add(LogLine(self.clock(), text, guest, severity=severity))
+        self._log(LogLine(self.clock(), text, guest, severity=severity))
 
     def on_agent_pane_connected(self, message: Connected) -> None:
         message.stop()
@@ -180,7 +188,7 @@ class AgentPane(Vertical):
         event = message.event
         line = self.model.apply_event(event)
         if line is not None:
-            self.query_one(EventLog).add(line)
+            self._log(line)
         if event.name in ("MIGRATION", "GUEST_STARTED", "GUEST_EXITED"):
             if event.name == "MIGRATION":
                 self.refusal = None
@@ -310,6 +318,9 @@ class AgentPane(Vertical):
                 self.redraw()
                 return
             self._note(f"{name} ok", guest=arguments.get("guest"))
+            state = self.model.guest(arguments.get("guest"))
+            if name == "migrate-recover" and state is not None:
+                state.recovering = str(arguments.get("uri"))
         self.request_refresh()
         self.redraw()
 
@@ -333,6 +344,12 @@ class AgentPane(Vertical):
     def redraw(self) -> None:
         if not self.is_mounted:
             return
+        try:
+            self._redraw()
+        except NoMatches:  # the app is shutting down and took the children first
+            return
+
+    def _redraw(self) -> None:
         self.set_class(self.lost is not None, "-lost")
         self.query_one(PaneTitle).update(self._title())
         state = self.current

@@ -59,7 +59,15 @@ class PostcopyPanel(Static):
         self.display = True
         pair = state.effective()
         destination = pair is not None and pair[0].value == "destination"
-        first = Text.assemble(("postcopy  requests ", "dim"), fmt.count(info.ram.postcopy_requests))
+        if destination:
+            # The destination counts its faults in the histogram; its request counter
+            # (the source's figure) may stay 0.
+            faults = sum(info.postcopy_latency_dist) or info.ram.postcopy_requests
+            first = Text.assemble(("postcopy  faults ", "dim"), fmt.count(faults))
+        else:
+            first = Text.assemble(
+                ("postcopy  requests ", "dim"), fmt.count(info.ram.postcopy_requests)
+            )
         if destination:
             first.append_text(
                 Text.assemble(("  blocktime ", "dim"), fmt.millis(info.postcopy_blocktime))

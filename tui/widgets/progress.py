@@ -51,6 +51,20 @@ class TransferBar(Widget):
         ram = info.ram if info is not None else None
         if ram is None or ram.total is None:
             return Text("transfer —", style="dim")
+        state = self._state
+        pair = state.effective() if state is not None else None
+        if pair is not None and pair[0].value == "destination" and pair[1].value != "completed":
+            # A destination cannot know what is left (agents report 0): no bar, no percentage.
+            text = Text.assemble(
+                ("received ", "dim"),
+                fmt.size(ram.transferred),
+                (" of a ", "dim"),
+                fmt.size(ram.total),
+                (" guest", "dim"),
+            )
+            text.no_wrap = True
+            text.overflow = "ellipsis"
+            return text
         frac = fraction_done(ram.transferred, ram.remaining, ram.total)
         label = Text.assemble(
             (f" {frac * 100:3.0f}% ", "bold"),

@@ -38,8 +38,11 @@ class RateGraph(Vertical):
         text.no_wrap = True
         text.overflow = "ellipsis"
         self.query_one(Static).update(text)
-        # A flat line for "no data yet" rather than an empty row that looks broken.
-        self.query_one(Sparkline).data = list(samples) if samples else [0.0, 0.0]
+        # Anchored at zero: Sparkline scales from the smallest sample to the largest, so
+        # a steady rate (a bandwidth cap) would lie flat on the floor and a single sample
+        # fills the row; a leading 0 makes heights mean "share of the peak".  With no
+        # data yet, a flat line rather than an empty row that looks broken.
+        self.query_one(Sparkline).data = [0.0, *samples] if samples else [0.0, 0.0]
 
 
 class Rates(Horizontal):

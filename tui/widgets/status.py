@@ -59,6 +59,8 @@ class StatusLine(Static):
         hint = PHASE_HINT.get(status)
         if status == "postcopy-paused" and pair is not None:
             hint = PAUSED_HINT[pair[0].value]
+            if pair[0].value == "destination" and state.recovering:
+                hint = f"ready: resume the source to {state.recovering}"
         if hint and hint != status:
             parts.append((f"  {hint}", "italic dim"))
         text = Text.assemble(*parts)
@@ -108,8 +110,11 @@ class ErrorLine(Static):
     def show(self, state: GuestState | None, refusal: str | None) -> None:
         info = state.info if state is not None else None
         lines: list[str] = []
-        if info is not None and info.error_desc and (state and state.status == "failed"):
+        status = state.status if state is not None else None
+        if info is not None and info.error_desc and status == "failed":
             lines.append(f"error: {info.error_desc}")
+        elif info is not None and info.error_desc and status == "postcopy-paused":
+            lines.append(f"why: {info.error_desc}")  # what broke the link, in the agent's words
         if refusal:
             lines.append(refusal)
         self.update(Text("\n".join(lines)))  # agent text: never markup
