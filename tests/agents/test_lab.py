@@ -133,3 +133,72 @@ async def test_down_cleans_a_half_built_lab_and_up_refuses_one():
         with trio.CancelScope(shield=True):
             await lab.down()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("fault", ["cut", "blackhole"])
+async def test_postcopy_over_the_lab_pauses_on_a_broken_link_and_recovers(fault):
+    """Issue 6's story on a real link: postcopy between two namespaces, the veth
+    breaks (link down, or an nftables drop: a hung link), both agents pause, the
+    link heals, migrate-recover + resume, the guest completes and is whole."""
+    directory = Path(tempfile.mkdtemp(prefix="gwlab-"))
+    lab = Lab(directory, prefix=PREFIX, log_level="warning")
+    try:
+        await lab.up()
+        async with (
+            open_client(lab.source_control) as src,
+            open_client(lab.destination_control) as dst,
+        ):
+            await src.execute(
+                "guest-start",
+                {"name": "vm1", "memory": "64M", "workload": "counter", "fill": "mixed:60%"},
+            )
+            await src.execute(
+                "migrate-set-capabilities",
+                {
+                    "guest": "vm1",
+                    "capabilities": [
+                        {"capability": "postcopy-ram", "state": True},
+                        {"capability": "postcopy-preempt", "state": True},
+                    ],
+                },
+            )
+            await src.execute(
+                "migrate-set-parameters",
+                {
+                    "guest": "vm1",
+                    "max-bandwidth": 8 << 20,
+                    "max-postcopy-bandwidth": 8 << 20,
+                    "keepalive-ms": 300,
+                },
+            )
+            await src.execute("migrate", {"guest": "vm1", "uri": lab.destination_uri})
+            await src.wait_status("vm1", {"active"}, timeout=30, poll=0.02)
+            await src.execute("migrate-start-postcopy", {"guest": "vm1"})
+            info = await src.wait_status(
+                "vm1", {"postcopy-active", "failed"}, timeout=30, poll=0.02
+            )
+            assert info["status"] == "postcopy-active", info.get("error-desc")
+            await trio.sleep(0.3)
+            await (lab.cut() if fault == "cut" else lab.blackhole())
+            for client in (src, dst):
+                paused = await client.wait_status(
+                    "vm1", {"postcopy-paused", "completed", "failed"}, timeout=60, poll=0.05
+                )
+                assert paused["status"] == "postcopy-paused", paused
+            await lab.heal()
+            await dst.execute("migrate-recover", {"guest": "vm1", "uri": lab.destination_uri})
+            await src.execute(
+                "migrate", {"guest": "vm1", "uri": lab.destination_uri, "resume": True}
+            )
+            await src.execute(
+                "migrate-set-parameters", {"guest": "vm1", "max-postcopy-bandwidth": 0}
+            )
+            done = await src.wait_status("vm1", {"completed", "failed"}, timeout=120, poll=0.1)
+            assert done["status"] == "completed", done.get("error-desc")
+            assert done["pauses"] >= 1 and done["recoveries"] >= 1
+            check = await dst.execute("guest-verify", {"guest": "vm1", "method": "counter"})
+            assert check["verified"], check
+    finally:
+        with trio.CancelScope(shield=True):
+            await lab.down()
+        shutil.rmtree(directory, ignore_errors=True)
