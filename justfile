@@ -27,9 +27,9 @@ fmt:
     ruff format protocol agents tui tests bench
     ruff check --fix protocol agents tui tests bench
 
-# Every benchmark, each figure beside a baseline measured in the same run.
-bench:
-    for b in bench/*.py; do echo "== $b"; {{python}} "$b"; done
+# Every benchmark, each figure beside a baseline measured in the same run; writes bench/REPORT.md.
+bench *ARGS:
+    {{python}} bench/report.py {{ARGS}}
 
 # Bring up the two-host network-namespace lab (needs root).
 lab-up:
