@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.control import Event
-from protocol.states import MigrationStatus, Role, allowed_commands
+from protocol.states import MigrationStatus, Role, allowed_commands, is_terminal
 
 MAX_BUCKETS = 40
 """Latency buckets kept: 2^40 µs is twelve days, past any fault worth drawing."""
@@ -286,9 +286,18 @@ class GuestState:
             return None
 
     def allowed(self) -> frozenset[str]:
-        """Commands protocol/'s state table allows now; empty when the state is unknown."""
+        """Commands protocol/'s state table allows now; empty when the state is unknown.
+
+        A guest that arrived here (its migration over) and runs is this agent's to
+        send on, as the agents see it: it is asked about as a source.
+        """
         pair = self.effective()
-        return frozenset() if pair is None else allowed_commands(*pair)
+        if pair is None:
+            return frozenset()
+        role, status = pair
+        if role == Role.DESTINATION and is_terminal(status) and self.guest.status == "running":
+            role = Role.SOURCE
+        return allowed_commands(role, status)
 
     def set_status(self, status: str) -> None:
         if status != self.status:

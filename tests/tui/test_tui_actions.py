@@ -17,7 +17,7 @@ from fake_agent import WHEN, FakeAgent, eventually
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from protocol.states import MigrationStatus, Role, allowed_commands
+from protocol.states import MigrationStatus, Role, allowed_commands, is_terminal
 from tui.app import ACTION_COMMANDS, GodwitApp
 from tui.screens import Confirm, MigrateForm, Tick, UriPrompt
 
@@ -230,6 +230,16 @@ async def test_after_recover_the_destination_says_its_part_is_done() -> None:
         assert "received 960 MiB of a 1.00 GiB guest" in str(pane.query_one("TransferBar").render())
 
 
+async def test_a_guest_that_arrived_can_be_migrated_on_from_its_new_host() -> None:
+    fake = fake_in("destination", "completed", sc.completed("destination"))
+    async with session(fake) as pilot:
+        form = await open_form(pilot)
+        form.query_one("#uri", Input).value = "tls:src.lab:4444"
+        await pilot.press("enter")
+        actions = await wait_actions(pilot, fake, 2)
+    assert actions[-1] == ("migrate", {"guest": "vm1", "uri": "tls:src.lab:4444"})
+
+
 async def test_resume_on_the_source_is_migrate_with_resume() -> None:
     fake = fake_in("source", "postcopy-paused", sc.paused("source"))
     async with session(fake) as pilot:
@@ -288,7 +298,9 @@ async def test_keys_follow_the_state_table_in_every_state() -> None:
             seen = pane.refreshes
             await eventually(lambda s=seen: pane.refreshes > s, pause(pilot))
             assert pane.current is not None and pane.current.status == status.value
-            allowed = allowed_commands(role, status)
+            # A guest that arrived and runs (the fake's guest runs) may be sent on.
+            arrived = role == Role.DESTINATION and is_terminal(status)
+            allowed = allowed_commands(Role.SOURCE if arrived else role, status)
             expected = {a for a, cmd in ACTION_COMMANDS.items() if cmd in allowed}
             offered = {
                 b.binding.action

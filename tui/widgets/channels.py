@@ -18,7 +18,7 @@ def _age(ch: Channel) -> Text:
     if age is None:
         return Text(fmt.DASH, style="dim")
     style = "red" if age >= 5 * STALE_MS else "yellow" if age >= STALE_MS else ""
-    return Text(fmt.millis(age), style=style)
+    return Text(fmt.millis(age) if age >= 1 else "now", style=style)
 
 
 def _link(ch: Channel) -> Text:

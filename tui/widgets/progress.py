@@ -53,28 +53,33 @@ class TransferBar(Widget):
             return Text("transfer —", style="dim")
         state = self._state
         pair = state.effective() if state is not None else None
-        if pair is not None and pair[0].value == "destination" and pair[1].value != "completed":
-            # A destination cannot know what is left (agents report 0): no bar, no percentage.
-            text = Text.assemble(
+        if pair is not None and pair[0].value == "destination":
+            # A destination cannot know what is left (agents report 0): no bar nor
+            # percentage until it is over, and what it counts is what it received.
+            label = Text.assemble(
                 ("received ", "dim"),
                 fmt.size(ram.transferred),
                 (" of a ", "dim"),
                 fmt.size(ram.total),
                 (" guest", "dim"),
             )
-            text.no_wrap = True
-            text.overflow = "ellipsis"
-            return text
-        frac = fraction_done(ram.transferred, ram.remaining, ram.total)
-        label = Text.assemble(
-            (f" {frac * 100:3.0f}% ", "bold"),
-            fmt.size(ram.transferred),
-            (" sent / ", "dim"),
-            fmt.size(ram.total),
-            (" · ", "dim"),
-            fmt.size(ram.remaining),
-            (" left", "dim"),
-        )
+            if pair[1].value != "completed":
+                label.no_wrap = True
+                label.overflow = "ellipsis"
+                return label
+            frac = 1.0
+            label = Text.assemble((" 100% ", "bold"), label)
+        else:
+            frac = fraction_done(ram.transferred, ram.remaining, ram.total)
+            label = Text.assemble(
+                (f" {frac * 100:3.0f}% ", "bold"),
+                fmt.size(ram.transferred),
+                (" sent / ", "dim"),
+                fmt.size(ram.total),
+                (" · ", "dim"),
+                fmt.size(ram.remaining),
+                (" left", "dim"),
+            )
         width = max(self.size.width - label.cell_len, 4)
         filled = round(frac * width)
         done = self.get_component_rich_style("transferbar--done")

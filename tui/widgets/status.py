@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
+from protocol.states import Role
 from tui import formatting as fmt
 from tui.model import GuestState
 from tui.phases import PAUSED_HINT, PHASE_HINT, phase_text
@@ -50,7 +51,8 @@ class StatusLine(Static):
         parts: list[str | tuple[str, str] | Text] = [phase_text(status), " "]
         pair = state.effective()
         parts.append((pair[0].value if pair else (state.role or "?"), "bold"))
-        if status != "none":
+        # A destination counts the passes it saw end: none yet is not worth a "pass 0".
+        if status != "none" and (state.passes or (pair is not None and pair[0] == Role.SOURCE)):
             parts.append(("  pass ", "dim"))
             parts.append(str(state.passes) if state.passes is not None else fmt.DASH)
         if info is not None and info.total_time is not None:
