@@ -45,7 +45,8 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _agent_options(p: argparse.ArgumentParser) -> None:
+def add_agent_options(p: argparse.ArgumentParser, *, cert_flag: str = "--name") -> None:
+    """The options every verb that talks to an agent takes (also used by cli_file)."""
     p.add_argument(
         "--agent",
         "-a",
@@ -53,7 +54,9 @@ def _agent_options(p: argparse.ArgumentParser) -> None:
         help="control socket path or tls:HOST:PORT (default: $GODWIT_AGENT or %(default)s)",
     )
     p.add_argument("--pki", type=Path, help="PKI directory, for a tls: control connection")
-    p.add_argument("--name", help="certificate name in --pki, for a tls: control connection")
+    p.add_argument(
+        cert_flag, dest="cert_name", help="certificate name in --pki, for a tls: control connection"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -110,15 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fill", default="random", help="zero | random | mixed:P%%")
     q.add_argument("--seed", type=int, default=1)
     q.add_argument("--paused", action="store_true", help="create with vCPUs stopped")
-    _agent_options(q)
+    add_agent_options(q)
     for action, text in (("stop", "terminate a guest"), ("verify", "check a guest's memory")):
         q = vm_sub.add_parser(action, help=text)
         q.add_argument("guest")
         if action == "verify":
             q.add_argument("--method", choices=["counter", "digest"])
-        _agent_options(q)
+        add_agent_options(q)
     q = vm_sub.add_parser("list", help="guests on the agent")
-    _agent_options(q)
+    add_agent_options(q)
 
     p = sub.add_parser("migrate", help="migrate a guest to another agent")
     p.add_argument("guest")
@@ -147,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout", type=float, default=3600, help="with --wait: give up waiting after S seconds"
     )
-    _agent_options(p)
+    add_agent_options(p)
 
     for verb, text in (
         ("migrate-cancel", "cancel an outgoing migration"),
@@ -159,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("guest")
         p.add_argument("--wait", action="store_true", help="wait for the resulting state")
         p.add_argument("--timeout", type=float, default=120)
-        _agent_options(p)
+        add_agent_options(p)
     for verb, text in (
         ("recover", "destination: accept the source again after a postcopy pause"),
         ("resume", "source: reconnect a paused postcopy to URI"),
@@ -169,14 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("uri", help="tls:HOST:PORT (the destination's address to listen on / dial)")
         p.add_argument("--wait", action="store_true", help="wait for the resulting state")
         p.add_argument("--timeout", type=float, default=120)
-        _agent_options(p)
+        add_agent_options(p)
 
     p = sub.add_parser("status", help="guests and migrations on an agent")
-    _agent_options(p)
+    add_agent_options(p)
 
     p = sub.add_parser("ctl", help='send one raw QMP command, e.g. \'{"execute": "query-guests"}\'')
     p.add_argument("command_json")
-    _agent_options(p)
+    add_agent_options(p)
 
     p = sub.add_parser("tui", help="watch and steer migrations in a terminal (Textual)")
     from tui.app import add_arguments as add_tui_arguments
@@ -291,7 +294,7 @@ def _cmd_pki(args: argparse.Namespace) -> int:
 async def _run_control_command(args: argparse.Namespace) -> int:
     from .client import open_client
 
-    async with open_client(args.agent, pki=args.pki, name=args.name) as agent:
+    async with open_client(args.agent, pki=args.pki, name=args.cert_name) as agent:
         cmd = args.command
         if cmd == "vm":
             return await _cmd_vm(args, agent)

@@ -21,19 +21,9 @@ VERBS = ("save", "restore", "inspect")
 
 
 def _agent_options(p: argparse.ArgumentParser, *, cert_flag: str = "--name") -> None:
-    from .cli import DEFAULT_AGENT
+    from .cli import add_agent_options
 
-    p.add_argument(
-        "--agent",
-        "-a",
-        default=DEFAULT_AGENT,
-        help="control socket path or tls:HOST:PORT (default: $GODWIT_AGENT or %(default)s)",
-    )
-    p.add_argument("--pki", type=Path, help="PKI directory, for a tls: control connection")
-    p.add_argument(
-        cert_flag, dest="cert_name", help="certificate name in --pki, for a tls: control connection"
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_agent_options(p, cert_flag=cert_flag)
     p.add_argument("--timeout", type=float, default=3600, help="give up waiting after S seconds")
 
 

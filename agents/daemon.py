@@ -499,7 +499,11 @@ class Agent:
             mig.parameters.update(params)
             if mig.ram is not None:
                 # The limiter in force is precopy's or postcopy's cap, by phase.
-                key = "max-postcopy-bandwidth" if mig.state.status.startswith("postcopy") else "max-bandwidth"
+                key = (
+                    "max-postcopy-bandwidth"
+                    if mig.state.status.startswith("postcopy")
+                    else "max-bandwidth"
+                )
                 if key in params:
                     mig.ram.limiter.rate = float(params[key])
         return {}

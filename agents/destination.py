@@ -26,7 +26,6 @@ RESUME/RESUME_ACK, pending requests re-sent).
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -63,9 +62,9 @@ from protocol.states import MigrationStatus, Role, is_terminal
 from . import savevm
 from .channel import Channel
 from .migration import MigrationState
-from .postcopy import FaultService
+from .postcopy import FaultService, Liveness, PausePostcopy, close_channels, watch_pause
 from .ram import RamReceiver
-from .source import EXPECTED_ERRORS, PausePostcopy, first_error
+from .source import EXPECTED_ERRORS, first_error
 from .vm.devices import DeviceSection
 
 if TYPE_CHECKING:
@@ -112,7 +111,6 @@ class IncomingMigration:
         self.fault_task_done = trio.Event()
         self.cancel_scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
-        self._last_pong = 0.0
         self.done = trio.Event()
 
     # -- channels arriving through the listener ------------------------------------
@@ -341,6 +339,10 @@ class IncomingMigration:
         if self.faults is not None:
             await self.fault_task_done.wait()
 
+    async def _ping(self, ping: Ping) -> None:
+        assert self.ret is not None
+        await self.ret.send(ping)
+
     async def _request(self, req: ReqPages) -> None:
         if self.ret is None or self.ret.closed:
             raise trio.ClosedResourceError("no return path")
@@ -381,13 +383,14 @@ class IncomingMigration:
 
     async def _postcopy_round(self) -> None:
         assert self.main is not None and self.ram is not None
-        self._last_pong = time.monotonic()
+        assert self.config is not None
+        self.liveness = Liveness(int(self.config.parameters.get("keepalive-ms", 2000)), "source")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._postcopy_reader, self.main)
             if self.preempt is not None:
                 nursery.start_soon(self._postcopy_reader, self.preempt)
-            nursery.start_soon(self._keepalive)
-            nursery.start_soon(self._watch_pause)
+            nursery.start_soon(self.liveness.run, self._ping)
+            nursery.start_soon(watch_pause, self.pause_requested)
             if self.complete_seen and self.ram.missing() == 0:
                 self.postcopy_done.set()
             await self.postcopy_done.wait()
@@ -403,7 +406,7 @@ class IncomingMigration:
                 assert self.ret is not None
                 await self.ret.send(Pong(msg.seq, msg.sent_ns))
             elif isinstance(msg, Pong):
-                self._last_pong = time.monotonic()
+                self.liveness.pong()
             elif isinstance(msg, Complete):
                 self.complete_seen = True
                 if self.ram.missing() == 0:
@@ -418,30 +421,8 @@ class IncomingMigration:
                     f"unexpected {type(msg).__name__} in postcopy", channel=channel.name
                 )
 
-    async def _keepalive(self) -> None:
-        """PING on the return path; a PONG missing for three intervals means the link hangs."""
-        assert self.config is not None
-        interval = int(self.config.parameters.get("keepalive-ms", 2000)) / 1000
-        if interval <= 0:
-            await trio.sleep_forever()
-        seq = 0
-        while True:
-            await trio.sleep(interval)
-            if time.monotonic() - self._last_pong > 3 * interval:
-                raise PausePostcopy(f"no PONG from the source for {3 * interval:.1f} s: link hung")
-            seq += 1
-            assert self.ret is not None
-            with trio.move_on_after(interval):
-                await self.ret.send(Ping(seq, time.monotonic_ns()))
-
-    async def _watch_pause(self) -> None:
-        await self.pause_requested.wait()
-        raise PausePostcopy("paused by migrate-pause")
-
     async def _close_channels(self) -> None:
-        for channel in (self.main, self.ret, self.preempt):
-            if channel is not None:
-                await channel.aclose()
+        await close_channels(self.main, self.ret, self.preempt)
 
     async def _pause(self, reason: str) -> None:
         st = self.state

@@ -22,7 +22,7 @@ import numpy as np
 import trio
 
 from protocol.bitmap import PageBitmap
-from protocol.messages import Discard, ReqPages
+from protocol.messages import Discard, Ping, ReqPages
 
 from .migration import PostcopyStats
 from .ram import index_runs
@@ -30,6 +30,53 @@ from .ram import index_runs
 log = logging.getLogger("godwit.postcopy")
 
 DISCARD_RANGES_PER_FRAME = 65536
+
+
+class PausePostcopy(Exception):
+    """migrate-pause asked for it, or a keepalive deadline passed."""
+
+
+class Liveness:
+    """Hang detection for postcopy: a hung link sends no error, only silence.
+
+    Each side PINGs on its outgoing channel every ``keepalive-ms``; the peer
+    answers PONG on the other direction.  No PONG for three intervals means
+    the link hangs, and :meth:`run` raises :class:`PausePostcopy`.
+    """
+
+    def __init__(self, keepalive_ms: int, peer: str) -> None:
+        self.interval = keepalive_ms / 1000
+        self.peer = peer
+        self.last_pong = time.monotonic()
+
+    def pong(self) -> None:
+        self.last_pong = time.monotonic()
+
+    async def run(self, send: Callable[[Ping], Awaitable[Any]]) -> None:
+        if self.interval <= 0:
+            await trio.sleep_forever()
+        self.last_pong = time.monotonic()
+        seq = 0
+        while True:
+            await trio.sleep(self.interval)
+            if time.monotonic() - self.last_pong > 3 * self.interval:
+                raise PausePostcopy(
+                    f"no PONG from the {self.peer} for {3 * self.interval:.1f} s: link hung"
+                )
+            seq += 1
+            with trio.move_on_after(self.interval):  # a hung send must not hide the hang
+                await send(Ping(seq, time.monotonic_ns()))
+
+
+async def watch_pause(requested: trio.Event) -> None:
+    await requested.wait()
+    raise PausePostcopy("paused by migrate-pause")
+
+
+async def close_channels(*channels: Any) -> None:
+    for channel in channels:
+        if channel is not None:
+            await channel.aclose()
 
 
 def discard_messages(block_index: int, pages: np.ndarray) -> list[Discard]:

@@ -71,7 +71,7 @@ from protocol.uri import MigrationURI
 from . import savevm
 from .channel import Channel, ChannelClosed, PeerError
 from .migration import MigrationState
-from .postcopy import discard_messages
+from .postcopy import Liveness, PausePostcopy, close_channels, discard_messages, watch_pause
 from .ram import BandwidthMeter, RamSender
 from .transport import open_channel
 
@@ -91,10 +91,6 @@ RECOVER_TIMEOUT = 30.0
 
 class MigrationFailed(Exception):
     pass
-
-
-class PausePostcopy(Exception):
-    """migrate-pause asked for it, or a keepalive deadline passed."""
 
 
 class OutgoingMigration:
@@ -129,7 +125,6 @@ class OutgoingMigration:
         self.cancel_requested = False
         self.done = trio.Event()
         self._last_progress = 0.0
-        self._last_pong = 0.0
         self._pass = 0
         # Page requests can arrive before POSTCOPY_RUN_ACK (the guest runs, then
         # the ack is sent): one queue for the whole migration keeps them all.
@@ -418,12 +413,12 @@ class OutgoingMigration:
 
     async def _postcopy_round(self) -> None:
         assert self.ram is not None and self.main is not None
-        self._last_pong = time.monotonic()
+        self.liveness = Liveness(int(self.parameters.get("keepalive-ms", 2000)), "destination")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._postcopy_return_path, self._requests_in)
             nursery.start_soon(self._serve_requests, self._requests)
-            nursery.start_soon(self._keepalive)
-            nursery.start_soon(self._watch_pause)
+            nursery.start_soon(self.liveness.run, self._send)
+            nursery.start_soon(watch_pause, self.pause_requested)
             if self.ram.pending_pages():
                 await self.ram.send_background(self._send, checkpoint=self._checkpoint)
             if not self.complete_sent:
@@ -441,26 +436,6 @@ class OutgoingMigration:
                 channel.send, req.block, req.first_page, req.count, req.request_id
             )
 
-    async def _keepalive(self) -> None:
-        """PING on main; a PONG missing for three intervals means the link hangs."""
-        interval = int(self.parameters.get("keepalive-ms", 2000)) / 1000
-        if interval <= 0:
-            await trio.sleep_forever()
-        seq = 0
-        while True:
-            await trio.sleep(interval)
-            if time.monotonic() - self._last_pong > 3 * interval:
-                raise PausePostcopy(
-                    f"no PONG from the destination for {3 * interval:.1f} s: link hung"
-                )
-            seq += 1
-            with trio.move_on_after(interval):  # a hung send must not hide the hang
-                await self._send(Ping(seq, time.monotonic_ns()))
-
-    async def _watch_pause(self) -> None:
-        await self.pause_requested.wait()
-        raise PausePostcopy("paused by migrate-pause")
-
     async def _postcopy_return_path(self, requests: trio.MemorySendChannel[ReqPages]) -> None:
         assert self.ret is not None
         while True:
@@ -468,7 +443,7 @@ class OutgoingMigration:
             if isinstance(msg, ReqPages):
                 await requests.send(msg)
             elif isinstance(msg, Pong):
-                self._last_pong = time.monotonic()
+                self.liveness.pong()
             elif isinstance(msg, Ping):
                 await self._send(Pong(msg.seq, msg.sent_ns))
             elif isinstance(msg, Shut):
@@ -482,9 +457,7 @@ class OutgoingMigration:
                 )
 
     async def _close_channels(self) -> None:
-        for channel in (self.main, self.ret, self.preempt):
-            if channel is not None:
-                await channel.aclose()
+        await close_channels(self.main, self.ret, self.preempt)
 
     async def _pause(self, reason: str) -> None:
         st = self.state

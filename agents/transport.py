@@ -203,6 +203,7 @@ async def serve_migrations(
             else f"multifd-{hello.index}"
         )
         channel.decoder.channel = channel.name
+        channel.stats.name = channel.name  # query-migrate's channel table names it by kind
         try:
             await on_channel(hello, channel, str(peer_name))
             await channel.closed_event.wait()  # the channel's owner closes it

@@ -38,7 +38,9 @@ async def test_guests_outlive_an_agent_restart_and_are_adopted(short_tmp):
 
 async def _story(short_tmp, state):
     async with agent_process(short_tmp, "source", listen=False, extra=state) as agent:
-        info = await agent.execute("guest-start", {"name": "vm1", "memory": "32M", "workload": "counter"})
+        info = await agent.execute(
+            "guest-start", {"name": "vm1", "memory": "32M", "workload": "counter"}
+        )
         pid = info["pid"]
         assert (await agent.execute("guest-verify", {"guest": "vm1"}))["verified"]
     # agent_process sent SIGTERM and reaped the agent: the guest must still be there.

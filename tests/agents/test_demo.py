@@ -13,8 +13,13 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (userfault
 
 
 def _demo(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "agents.cli", "demo", "--json", *args],
-                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [sys.executable, "-m", "agents.cli", "demo", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.stdout.strip(), out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == (0 if summary.get("verified") else 1)
