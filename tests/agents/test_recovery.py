@@ -25,12 +25,28 @@ PAUSED = {"postcopy-paused"}
 
 
 async def _postcopy_through(proxy, src, dst, *, preempt):
-    await src.client.execute("guest-start", {"name": "vm1", "memory": "64M", "workload": "counter",
-                                             "fill": "mixed:60%"})
-    await src.client.execute("migrate-set-capabilities", {"guest": "vm1", "capabilities": [
-        {"capability": "postcopy-ram", "state": True}, {"capability": "postcopy-preempt", "state": preempt}]})
-    await src.client.execute("migrate-set-parameters", {
-        "guest": "vm1", "max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 16 << 20, "keepalive-ms": KEEPALIVE_MS})
+    await src.client.execute(
+        "guest-start", {"name": "vm1", "memory": "64M", "workload": "counter", "fill": "mixed:60%"}
+    )
+    await src.client.execute(
+        "migrate-set-capabilities",
+        {
+            "guest": "vm1",
+            "capabilities": [
+                {"capability": "postcopy-ram", "state": True},
+                {"capability": "postcopy-preempt", "state": preempt},
+            ],
+        },
+    )
+    await src.client.execute(
+        "migrate-set-parameters",
+        {
+            "guest": "vm1",
+            "max-bandwidth": 8 << 20,
+            "max-postcopy-bandwidth": 16 << 20,
+            "keepalive-ms": KEEPALIVE_MS,
+        },
+    )
     await src.client.execute("migrate", {"guest": "vm1", "uri": f"tls:127.0.0.1:{proxy.port}"})
     await src.client.wait_status("vm1", {"active"}, timeout=30, poll=0.02)
     await src.client.execute("migrate-start-postcopy", {"guest": "vm1"})
@@ -46,7 +62,9 @@ async def _both(src, dst, statuses, timeout):
 
 async def _recover(proxy, src, dst):
     await dst.client.execute("migrate-recover", {"guest": "vm1", "uri": dst.uri})
-    await src.client.execute("migrate", {"guest": "vm1", "uri": f"tls:127.0.0.1:{proxy.port}", "resume": True})
+    await src.client.execute(
+        "migrate", {"guest": "vm1", "uri": f"tls:127.0.0.1:{proxy.port}", "resume": True}
+    )
 
 
 async def _finish_and_verify(src, dst, *, pauses=1, recoveries=1, destination_pauses=None):
@@ -64,7 +82,9 @@ async def _finish_and_verify(src, dst, *, pauses=1, recoveries=1, destination_pa
 
 @pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
 @pytest.mark.parametrize("fault", ["cut", "blackhole"])
-async def test_link_failure_mid_postcopy_pauses_both_sides_and_recovery_completes(pair, preempt, fault):
+async def test_link_failure_mid_postcopy_pauses_both_sides_and_recovery_completes(
+    pair, preempt, fault
+):
     src, dst = pair
     async with FaultProxy(target_port=dst.agent.listen_port) as proxy:
         await _postcopy_through(proxy, src, dst, preempt=preempt)
@@ -117,7 +137,9 @@ async def test_resume_channels_are_refused_until_migrate_recover(pair, pki_dir):
         proxy.cut()
         await _both(src, dst, PAUSED, timeout=10 * DEADLINE + 10)
         # The source tries before the admin ran migrate-recover on the destination: refused, paused again.
-        await src.client.execute("migrate", {"guest": "vm1", "uri": f"tls:127.0.0.1:{proxy.port}", "resume": True})
+        await src.client.execute(
+            "migrate", {"guest": "vm1", "uri": f"tls:127.0.0.1:{proxy.port}", "resume": True}
+        )
         info = await src.client.wait_status("vm1", PAUSED, timeout=60, poll=0.05)
         assert "migrate-recover" in info["error-desc"]
         await _recover(proxy, src, dst)
@@ -130,13 +152,29 @@ async def test_soak_twenty_cuts_and_recoveries_in_one_postcopy(pair):
     src, dst = pair
     rounds = 20
     async with FaultProxy(target_port=dst.agent.listen_port) as proxy:
-        await src.client.execute("guest-start", {"name": "vm1", "memory": "256M", "workload": "counter",
-                                                 "fill": "mixed:60%"})
-        await src.client.execute("migrate-set-capabilities", {"guest": "vm1", "capabilities": [
-            {"capability": "postcopy-ram", "state": True}, {"capability": "postcopy-preempt", "state": True}]})
-        await src.client.execute("migrate-set-parameters", {
-            "guest": "vm1", "max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 2 << 20,
-            "keepalive-ms": KEEPALIVE_MS})
+        await src.client.execute(
+            "guest-start",
+            {"name": "vm1", "memory": "256M", "workload": "counter", "fill": "mixed:60%"},
+        )
+        await src.client.execute(
+            "migrate-set-capabilities",
+            {
+                "guest": "vm1",
+                "capabilities": [
+                    {"capability": "postcopy-ram", "state": True},
+                    {"capability": "postcopy-preempt", "state": True},
+                ],
+            },
+        )
+        await src.client.execute(
+            "migrate-set-parameters",
+            {
+                "guest": "vm1",
+                "max-bandwidth": 8 << 20,
+                "max-postcopy-bandwidth": 2 << 20,
+                "keepalive-ms": KEEPALIVE_MS,
+            },
+        )
         await src.client.execute("migrate", {"guest": "vm1", "uri": f"tls:127.0.0.1:{proxy.port}"})
         await src.client.wait_status("vm1", {"active"}, timeout=30, poll=0.02)
         await src.client.execute("migrate-start-postcopy", {"guest": "vm1"})
@@ -149,7 +187,9 @@ async def test_soak_twenty_cuts_and_recoveries_in_one_postcopy(pair):
             await _recover(proxy, src, dst)
             await _both(src, dst, {"postcopy-active", "completed"}, timeout=60)
         # Let it finish at full speed.
-        await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-postcopy-bandwidth": 0})
+        await src.client.execute(
+            "migrate-set-parameters", {"guest": "vm1", "max-postcopy-bandwidth": 0}
+        )
         info = await src.client.wait_status("vm1", {"completed", "failed"}, timeout=300)
         assert info["status"] == "completed", info.get("error-desc")
         assert info["recoveries"] == rounds
