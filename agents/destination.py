@@ -26,6 +26,7 @@ RESUME/RESUME_ACK, pending requests re-sent).
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -63,8 +64,8 @@ from . import savevm
 from .channel import Channel
 from .migration import MigrationState
 from .postcopy import FaultService, Liveness, PausePostcopy, close_channels, watch_pause
-from .ram import RamReceiver
-from .source import EXPECTED_ERRORS, first_error
+from .ram import BandwidthMeter, RamReceiver
+from .source import EXPECTED_ERRORS, PROGRESS_INTERVAL, first_error
 from .vm.devices import DeviceSection
 
 if TYPE_CHECKING:
@@ -112,6 +113,9 @@ class IncomingMigration:
         self.cancel_scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
         self.done = trio.Event()
+        self.meter = BandwidthMeter()
+        self._last_progress = 0.0
+        self._bytes_at_progress = 0
 
     # -- channels arriving through the listener ------------------------------------
 
@@ -226,11 +230,29 @@ class IncomingMigration:
             ram.apply_zero_batch(msg)
             stats.duplicate += len(msg.pages)
         if self.state.status == S.POSTCOPY_ACTIVE:
-            stats.postcopy_bytes = stats.transferred
+            stats.postcopy_bytes += stats.transferred - self._bytes_at_progress
+        else:
+            stats.precopy_bytes += stats.transferred - self._bytes_at_progress
+        self._bytes_at_progress = stats.transferred
+        self._progress()
         drop = self.agent.test_hooks.get("drop-page")
         if drop is not None and ram.placer is None and ram.received[drop[0]].test(drop[1]):
             ram.blocks[drop[0]].discard(drop[1], 1)  # lost, yet marked received
             del self.agent.test_hooks["drop-page"]
+
+    def _progress(self) -> None:
+        """Receive rate, what is still missing, and a progress event a few times a second."""
+        now = time.monotonic()
+        rate = self.meter.update(self.state.ram.transferred, now)
+        if now - self._last_progress < PROGRESS_INTERVAL:
+            return
+        self._last_progress = now
+        st = self.state
+        assert self.ram is not None
+        st.ram.mbps = rate * 8 / 1e6
+        st.ram.pages_per_second = rate / max(st.ram.page_size, 1)
+        st.ram.remaining = self.ram.missing() * st.ram.page_size
+        self.agent.events.emit("MIGRATION_PROGRESS", {"guest": st.guest, "info": st.info()})
 
     async def _load(self) -> None:
         """Everything on main up to COMPLETE (precopy) or RUN (postcopy)."""
