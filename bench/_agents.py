@@ -120,7 +120,7 @@ async def agent_process(
                         f"agent {name} exited at start: {log_path.read_text()[-2000:]}"
                     )
                 await trio.sleep(0.05)
-        async with open_client(sock) as client:
+        async with await _connect_retrying(sock, proc, log_path) as client:
             agent = Agent(name, client, proc, log_path)
             try:
                 yield agent
@@ -142,6 +142,28 @@ async def agent_process(
                         os.kill(pid, 9)
                     except ProcessLookupError:
                         pass
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+async def _connect_retrying(sock: Path, proc: trio.Process, log_path: Path) -> Any:
+    """The socket file appears at bind(), a moment before listen(): retry a refusal."""
+    for _ in range(100):
+        try:
+            with trio.fail_after(2):
+                stream = await trio.open_unix_socket(str(sock))
+            await stream.aclose()
+            return open_client(sock)
+        except (OSError, trio.TooSlowError):
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent exited at start: {_tail(log_path)}") from None
+            await trio.sleep(0.05)
+    return open_client(sock)
 
 
 async def stop_guests(agent: Agent) -> None:

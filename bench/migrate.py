@@ -255,9 +255,6 @@ def main() -> int:
     base2 = baselines(size, 1)  # again after the migrations: the machine's drift shows
     for k, v in base2.items():
         base[k] = max(base[k], v)
-    dt = trio.run(downtime, size, rounds, args.converge_timeout)
-    mf = trio.run(multifd_probe, size)
-
     ssl_b, tcp_b = base["ssl"], base["tcp"]
     print(
         f"\n1. precopy throughput, {size >> 20} MiB random-filled idle guest (fill took {tp['fill_s']:.1f} s)"
@@ -294,6 +291,8 @@ def main() -> int:
         f"(target >= 1.0 GB/s and >= 70 %): {verdict} the target"
     )
 
+    sys.stdout.flush()
+    dt = trio.run(downtime, size, rounds, args.converge_timeout)
     print(
         f"\n2. downtime, {size >> 20} MiB guest (fill mixed:50 %), stress:rate=50M,wss={size >> 20}M,"
         f"mode=write, default downtime-limit {dt['limit']} ms"
@@ -332,6 +331,8 @@ def main() -> int:
     else:
         print("   => no round converged: no downtime to report (MISSES the target)")
 
+    sys.stdout.flush()
+    mf = trio.run(multifd_probe, size)
     print("\n3. multifd, 2 channels vs 1 (network URI)")
     if "verdict" in mf:
         print(f"   {mf['verdict']}")
