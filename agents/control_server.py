@@ -65,14 +65,19 @@ class ControlServer:
                 raise FileExistsError(f"control socket {path} is in use by a running agent")
             path.unlink()
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Bind under a temporary name and rename once listening: the path
+        # appearing is the agent's "ready", so it must never refuse a connection.
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.unlink(missing_ok=True)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
-            await sock.bind(str(path))
+            await sock.bind(str(staging))
         finally:
             os.umask(old_umask)
-        os.chmod(path, 0o600)
+        os.chmod(staging, 0o600)
         sock.listen(32)
+        os.rename(staging, path)
         listener = trio.SocketListener(sock)
         try:
             task_status.started()

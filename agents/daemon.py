@@ -536,6 +536,11 @@ class Agent:
 
             return await qmp_file_migrate(self, entry, uri.path)
         self.transport.check_uri(uri)
+        if entry.capabilities.get("multifd"):
+            raise QmpError(
+                "multifd over the network is not implemented yet (file: migrations have it); "
+                "turn the capability off for tls: migrations"
+            )
         mig = OutgoingMigration(self, entry, uri)
         entry.migration = mig
         assert self._nursery is not None

@@ -395,13 +395,21 @@ class IncomingMigration:
                     log.error("postcopy of %s: unexpected error, pausing", st.guest, exc_info=leaf)
                 await self._pause(str(leaf) or leaf.__class__.__name__)
             await self._recover()
-        await self._stop_fault_service()
-        await self._guest().postcopy_end()
-        assert self.ret is not None and self.ram is not None
-        self.ram.placer = None
-        await self.ret.send(Shut("completed"))
         st.ram.remaining = 0
         st.set_status(S.COMPLETED)
+
+    async def _finish_postcopy(self) -> None:
+        """Every page is here: let go of the uffd (once) and tell the source (SHUT).
+
+        Inside the pause/recover loop, so a SHUT lost to a broken link leads to a
+        pause and a recovery that ends here again, never to a dead migration.
+        """
+        assert self.ram is not None and self.ret is not None
+        if self.ram.placer is not None:
+            await self._stop_fault_service()
+            await self._guest().postcopy_end()
+            self.ram.placer = None
+        await self.ret.send(Shut("completed"))
 
     async def _postcopy_round(self) -> None:
         assert self.main is not None and self.ram is not None
@@ -416,6 +424,7 @@ class IncomingMigration:
             if self.complete_seen and self.ram.missing() == 0:
                 self.postcopy_done.set()
             await self.postcopy_done.wait()
+            await self._finish_postcopy()
             nursery.cancel_scope.cancel()
 
     async def _postcopy_reader(self, channel: Channel) -> None:
