@@ -241,6 +241,11 @@ QUERY_MIGRATE_FIELDS: dict[str, Field] = {
         "ms the guest was stopped: stop on the source → running on the destination",
         "after switchover",
     ),
+    "expected-downtime-at-switchover": Field(
+        "number",
+        "godwit: the expected downtime (ms) the source switched over on, to compare with `downtime`",
+        "source, after a precopy switchover",
+    ),
     "cpu-throttle-percentage": Field("int", "auto-converge's current throttle", "source"),
     "error-desc": Field("str", "why it failed, naming what and where", "after an error"),
     "ram": Field("object", "RAM statistics, the `ram.*` rows below"),
@@ -335,6 +340,7 @@ def query_migrate_fields() -> set[str]:
             state.error_desc = "x"
             state.postcopy_enabled = True
             state.switchover_digest = "x"
+            state.expected_at_switchover_ms = 1.0
             state.channel("main").last_frame = 1.0
             found |= set(_flatten(state.info()))
     return found

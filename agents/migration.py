@@ -151,6 +151,7 @@ class MigrationState:
         self.throttle_percent = 0
         self.pauses = 0
         self.switchover_digest: str | None = None
+        self.expected_at_switchover_ms: float | None = None
         self.recoveries = 0
         self.ram = RamStats()
         self.postcopy = PostcopyStats()
@@ -211,6 +212,8 @@ class MigrationState:
             out.update(self.postcopy.info())
             out["pauses"] = self.pauses
             out["recoveries"] = self.recoveries
+        if self.expected_at_switchover_ms is not None:
+            out["expected-downtime-at-switchover"] = round(self.expected_at_switchover_ms, 1)
         if self.switchover_digest:
             out["switchover-digest"] = self.switchover_digest
         out["channels"] = [c.info() for c in self.channels.values()]

@@ -170,6 +170,10 @@ async def downtime(size: int, rounds: int, deadline: float) -> dict[str, Any]:
                     if s.get("expected-downtime") is not None:
                         expected, expected_at = s["expected-downtime"], t
             end = samples[-1][0]
+            if info.get("expected-downtime-at-switchover") is not None:
+                # The estimate the source switched on (after its last dirty sync),
+                # rather than the last one a poll happened to catch mid-pass.
+                expected, expected_at = info["expected-downtime-at-switchover"], end
             out["rounds"].append(
                 {
                     "direction": f"{here.name}->{there.name}",

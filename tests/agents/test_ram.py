@@ -86,3 +86,19 @@ def test_index_runs():
         and lengths.tolist() == [3, 1, 2]
         and positions.tolist() == [0, 3, 4]
     )
+
+
+def test_another_pass_is_taken_only_while_it_shrinks_downtime():
+    from agents.source import MAX_EXTRA_PASSES, _another_pass_pays
+
+    gb = 1e9
+    # 90 MB left after a 1 GB pass at 0.6 GB/s: fits 300 ms, but one more pass pays.
+    assert _another_pass_pays(90_000_000, 1_000_000_000, 0.6 * gb, 300, 0)
+    # Already tiny (< 30 ms expected): switch.
+    assert not _another_pass_pays(6_000_000, 90_000_000, 0.6 * gb, 300, 1)
+    # Not shrinking any more (the guest dirties as fast as we send): switch.
+    assert not _another_pass_pays(90_000_000, 100_000_000, 0.6 * gb, 300, 0)
+    # Bounded.
+    assert not _another_pass_pays(90_000_000, 1_000_000_000, 0.6 * gb, 300, MAX_EXTRA_PASSES)
+    # First measurement: nothing to compare with.
+    assert not _another_pass_pays(90_000_000, None, 0.6 * gb, 300, 0)
