@@ -208,6 +208,9 @@ async def multifd_probe(size: int) -> dict[Any, Any]:
             return out
         try:
             info, _ = await migrate_once(pair, pair.src, pair.dst, "mf")
+        except A.CommandFailed as exc:
+            out["verdict"] = f"not implemented: the agent refuses it ({exc.desc})"
+            return out
         except RuntimeError as exc:
             out["verdict"] = f"not implemented: a multifd network migration failed ({exc})"
             return out
