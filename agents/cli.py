@@ -14,9 +14,10 @@ import argparse
 import json
 import os
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from agents import version
 
 DEFAULT_AGENT = os.environ.get("GODWIT_AGENT", "/run/godwit/control.sock")
 
@@ -36,13 +37,6 @@ def _extensions() -> list[Any]:
             if exc.name != name:
                 raise
     return found
-
-
-def _version() -> str:
-    try:
-        return metadata.version("godwit")
-    except metadata.PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
 
 
 def add_agent_options(p: argparse.ArgumentParser, *, cert_flag: str = "--name") -> None:
@@ -66,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live-migrate running guests between hosts (precopy, postcopy, "
         "preempt, recovery, mapped-ram) over mutually authenticated TLS.",
     )
-    parser.add_argument("--version", action="version", version=f"godwit {_version()}")
+    parser.add_argument("--version", action="version", version=f"godwit {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("agent", help="run an agent daemon (systemd runs this)")

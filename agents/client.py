@@ -13,7 +13,6 @@ raise ``trio.TooSlowError``.
 
 from __future__ import annotations
 
-import math
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -186,6 +185,3 @@ async def open_client(
             yield client
         finally:
             nursery.cancel_scope.cancel()
-
-
-INFINITE = math.inf

@@ -32,6 +32,7 @@ from protocol.options import CAPABILITIES, PARAMETERS, validate_capabilities, va
 from protocol.states import MigrationStatus, Role, allowed_commands, is_terminal
 from protocol.uri import parse_uri
 
+from . import version
 from .channel import Channel
 from .control_server import ControlServer
 from .destination import IncomingMigration
@@ -44,15 +45,6 @@ from .vm.ramblock import RamBlock
 
 log = logging.getLogger("godwit.agent")
 S = MigrationStatus
-
-
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("godwit")
-    except metadata.PackageNotFoundError:
-        return "0.0.0"
 
 
 @dataclass
@@ -359,7 +351,7 @@ class Agent:
 
     def _qmp_version(self) -> dict[str, Any]:
         major, minor, micro = (
-            [*(int(x) for x in _version().split(".")[:3] if x.isdigit()), 0, 0, 0]
+            [*(int(x) for x in version().split(".")[:3] if x.isdigit()), 0, 0, 0]
         )[:3]
         return {
             "qemu": {"major": major, "minor": minor, "micro": micro},

@@ -62,10 +62,10 @@ from protocol.states import MigrationStatus, Role, is_terminal
 
 from . import savevm
 from .channel import Channel
-from .migration import MigrationState
+from .migration import MigrationState, first_error
 from .postcopy import FaultService, Liveness, PausePostcopy, close_channels, watch_pause
 from .ram import BandwidthMeter, RamReceiver
-from .source import EXPECTED_ERRORS, PROGRESS_INTERVAL, first_error
+from .source import EXPECTED_ERRORS, PROGRESS_INTERVAL
 from .vm.devices import DeviceSection
 
 if TYPE_CHECKING:

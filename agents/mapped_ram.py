@@ -80,7 +80,7 @@ from protocol.mapped_ram import (
 from protocol.states import MigrationStatus, Role, is_terminal
 
 from . import savevm
-from .migration import MigrationState
+from .migration import MigrationState, first_error
 from .vm.devices import DeviceSection
 from .vm.guest import Guest, GuestSpec
 from .vm.postcopy import UffdPlacer
@@ -181,14 +181,6 @@ def _bool_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
     starts = np.flatnonzero(edges == 1)
     return starts.astype(np.int64), (np.flatnonzero(edges == -1) - starts).astype(np.int64)
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The first real error inside (nested) nursery exception groups."""
-    while isinstance(exc, BaseExceptionGroup):
-        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
-        exc = (inner or list(exc.exceptions))[0]
-    return exc
 
 
 def _chunk_pages(page_size: int) -> int:
@@ -559,7 +551,7 @@ async def save_guest(
                     await guest.cont()
                 except Exception as e:
                     log.warning("resuming %s after a failed save failed: %s", guest.spec.name, e)
-        leaf = _leaf(exc)
+        leaf = first_error(exc)
         if state is not None and isinstance(leaf, Exception) and not is_terminal(state.status):
             state.fail(str(leaf) or type(leaf).__name__)
         if leaf is not exc and isinstance(leaf, Exception):
@@ -951,7 +943,7 @@ async def restore_guest(
                     guest.close()
             for b in blocks:
                 b.close()
-        leaf = _leaf(exc)
+        leaf = first_error(exc)
         if state is not None and isinstance(leaf, Exception) and not is_terminal(state.status):
             state.fail(str(leaf) or type(leaf).__name__)
         if leaf is not exc and isinstance(leaf, Exception):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import trio
 
 from protocol.states import MigrationStatus, Role, is_terminal, transition
 
@@ -24,6 +25,14 @@ from .events import EventBus
 
 S = MigrationStatus
 LATENCY_BUCKETS = 32
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups from nurseries."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
+        exc = (inner or list(exc.exceptions))[0]
+    return exc
 
 
 def new_migration_id() -> bytes:

@@ -175,20 +175,16 @@ class RamSender:
         *,
         phase: str = "precopy",
         checkpoint: Callable[[], Awaitable[None]] | None = None,
-        max_pages: int | None = None,
     ) -> int:
         """Send what ``to_send`` holds now; returns pages sent.
 
         ``checkpoint`` runs between batches (progress, switch requests);
-        ``max_pages`` bounds one call so the caller can re-sync in between.
         """
         done = 0
         for index, bitmap in enumerate(self.to_send):
             if not bitmap.any():
                 continue
             pages = bitmap.indices().astype(np.uint64)
-            if max_pages is not None:
-                pages = pages[: max(0, max_pages - done)]
             for batch in _batches(pages, batch_pages(self.blocks[index].page_size)):
                 # Clear just before sending: a pass left early (postcopy, cancel)
                 # must leave every page it did not send in ``to_send``.
@@ -199,8 +195,6 @@ class RamSender:
                 self.update_remaining()
                 if checkpoint is not None:
                     await checkpoint()
-            if max_pages is not None and done >= max_pages:
-                break
         self.update_remaining()
         return done
 
@@ -274,10 +268,15 @@ class RamSender:
                     )
                     self.stats.normal += length
         else:
-            # Scattered pages, or zero and data pages interleaved: gather the data
-            # pages into one buffer (one numpy take) and send two frames.
-            gathered = block.array.reshape(-1, ps)[batch.astype(np.intp)]
+            # Scattered pages, or zero and data pages interleaved: the data pages go
+            # gathered (one numpy take, one copy) in a PAGE_BATCH, the zero ones as
+            # a ZERO_BATCH.  When the mask is known from the guest-RAM view, only the
+            # data pages are gathered; otherwise everything is gathered to find them,
+            # and copied again only if some of them turned out to be zero.
+            pages_of = block.array.reshape(-1, ps)
+            gathered = None
             if view is None:
+                gathered = pages_of[batch.astype(np.intp)]
                 mask = (
                     zero_page_mask(_bytes(gathered), ps)
                     if self.detect_zero
@@ -288,7 +287,12 @@ class RamSender:
                 self.stats.duplicate += int(mask.sum())
             if not mask.all():
                 keep = ~mask
-                payload = np.ascontiguousarray(gathered[keep])
+                if gathered is None:
+                    payload = pages_of[batch[keep].astype(np.intp)]
+                elif mask.any():
+                    payload = gathered[keep]
+                else:
+                    payload = gathered
                 nbytes += await send(PageBatch(block_index, batch[keep], _bytes(payload)))
                 self.stats.normal += int(keep.sum())
         self.sent_once[block_index].set_indices(batch)

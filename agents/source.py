@@ -70,7 +70,7 @@ from protocol.uri import MigrationURI
 
 from . import savevm
 from .channel import Channel, ChannelClosed, PeerError
-from .migration import MigrationState
+from .migration import MigrationState, first_error
 from .postcopy import Liveness, PausePostcopy, close_channels, discard_messages, watch_pause
 from .ram import BandwidthMeter, RamSender
 from .transport import open_channel
@@ -87,10 +87,6 @@ PROGRESS_INTERVAL = 0.25
 SHUT_TIMEOUT = 30.0
 RUN_ACK_TIMEOUT = 30.0
 RECOVER_TIMEOUT = 30.0
-
-
-class MigrationFailed(Exception):
-    pass
 
 
 class OutgoingMigration:
@@ -630,7 +626,6 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     ProtocolError,
     PeerError,
     ChannelClosed,
-    MigrationFailed,
     OSError,
     trio.BrokenResourceError,
     trio.ClosedResourceError,
@@ -638,14 +633,6 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
 )
 """Failures that come from the world (network, peer, guest), not from bugs: no traceback."""
-
-
-def first_error(exc: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups from nurseries."""
-    while isinstance(exc, BaseExceptionGroup):
-        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
-        exc = (inner or list(exc.exceptions))[0]
-    return exc
 
 
 def _describe(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ import errno
 import fcntl
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -143,16 +143,42 @@ class UffdPlacer:
             )
         dst, length, ps = self._range(block, first_page, len(src) // ps)
         src_addr = int(src.ctypes.data)
-        arg = self._arg
+
+        def fill(done: int) -> None:
+            _COPY.pack_into(self._arg, 0, dst + done, src_addr + done, length - done, 0, 0)
+
+        return self._place(
+            "UFFDIO_COPY", U.UFFDIO_COPY, _COPY, self._arg, fill, block, first_page, dst, length, ps
+        )
+
+    def _place(
+        self,
+        name: str,
+        request: int,
+        fmt: struct.Struct,
+        arg: bytearray,
+        fill: Callable[[int], None],
+        block: int,
+        first_page: int,
+        dst: int,
+        length: int,
+        ps: int,
+    ) -> int:
+        """The placement loop both UFFDIO_COPY and UFFDIO_ZEROPAGE need.
+
+        Partial progress (the struct's last field) is kept; a present page
+        (EEXIST) is woken and skipped; EAGAIN with no progress means the guest's
+        mm is changing and is retried.  Returns pages placed.
+        """
         done = placed = retries = 0
         while done < length:
-            _COPY.pack_into(arg, 0, dst + done, src_addr + done, length - done, 0, 0)
+            fill(done)
             try:
-                fcntl.ioctl(self.fd, U.UFFDIO_COPY, arg, True)
+                fcntl.ioctl(self.fd, request, arg, True)
                 placed += (length - done) // ps
                 break
             except OSError as e:
-                c = _COPY.unpack_from(arg)[4]
+                c = fmt.unpack_from(arg)[-1]
                 if c > 0:
                     placed += c // ps
                     done += c
@@ -163,12 +189,10 @@ class UffdPlacer:
                     if c <= 0:
                         retries += 1
                         if retries > MAX_EAGAIN_RETRIES:
-                            raise self._fail(
-                                "UFFDIO_COPY", e, block, first_page + done // ps, 1
-                            ) from e
+                            raise self._fail(name, e, block, first_page + done // ps, 1) from e
                 else:
                     raise self._fail(
-                        "UFFDIO_COPY", e, block, first_page + done // ps, (length - done) // ps
+                        name, e, block, first_page + done // ps, (length - done) // ps
                     ) from e
         self.placed += placed
         return placed
@@ -189,35 +213,22 @@ class UffdPlacer:
             if self._zeros is None or len(self._zeros) < length:
                 self._zeros = np.zeros(length, dtype=np.uint8)
             return self.copy(block, first, self._zeros[:length])
-        arg = self._zero_arg
-        done = placed = retries = 0
-        while done < length:
-            _ZERO.pack_into(arg, 0, dst + done, length - done, 0, 0)
-            try:
-                fcntl.ioctl(self.fd, U.UFFDIO_ZEROPAGE, arg, True)
-                placed += (length - done) // ps
-                break
-            except OSError as e:
-                c = _ZERO.unpack_from(arg)[3]
-                if c > 0:
-                    placed += c // ps
-                    done += c
-                if e.errno == errno.EEXIST:
-                    self._wake_one(dst + done, ps)
-                    done += ps
-                elif e.errno == errno.EAGAIN:
-                    if c <= 0:
-                        retries += 1
-                        if retries > MAX_EAGAIN_RETRIES:
-                            raise self._fail(
-                                "UFFDIO_ZEROPAGE", e, block, first + done // ps, 1
-                            ) from e
-                else:
-                    raise self._fail(
-                        "UFFDIO_ZEROPAGE", e, block, first + done // ps, (length - done) // ps
-                    ) from e
-        self.placed += placed
-        return placed
+
+        def fill(done: int) -> None:
+            _ZERO.pack_into(self._zero_arg, 0, dst + done, length - done, 0, 0)
+
+        return self._place(
+            "UFFDIO_ZEROPAGE",
+            U.UFFDIO_ZEROPAGE,
+            _ZERO,
+            self._zero_arg,
+            fill,
+            block,
+            first,
+            dst,
+            length,
+            ps,
+        )
 
     def wake(self, block: int, first: int, count: int) -> None:
         """Wake threads waiting on pages made present another way (pwrite + wake)."""
