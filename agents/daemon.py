@@ -437,8 +437,9 @@ class Agent:
     async def qmp_guest_verify(self, args: dict[str, Any]) -> Any:
         entry = self.entry(args)
         guest = self._running_guest(entry)
-        method = args.get("method") or ("counter" if entry.spec.workload == "counter" else "digest")
-        if method == "counter" and entry.spec.workload != "counter":
+        counter = entry.spec.workload.partition(":")[0] == "counter"  # counter or counter:rate=…
+        method = args.get("method") or ("counter" if counter else "digest")
+        if method == "counter" and not counter:
             raise QmpError(
                 f"the counter check needs the counter workload; guest '{entry.name}' runs {entry.spec.workload}"
             )

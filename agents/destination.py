@@ -215,6 +215,11 @@ class IncomingMigration:
         """Apply a page-carrying message (precopy writes, postcopy placement)."""
         assert self.ram is not None
         ram, stats = self.ram, self.state.ram
+        if ram.sealed:
+            ram.late_duplicates += (
+                len(msg.pages) if isinstance(msg, (PageBatch, ZeroBatch)) else msg.count
+            )
+            return
         if isinstance(msg, Pages):
             ram.apply_pages(msg)
             stats.normal += msg.count
@@ -405,10 +410,16 @@ class IncomingMigration:
         pause and a recovery that ends here again, never to a dead migration.
         """
         assert self.ram is not None and self.ret is not None
+        self.ram.sealed = True  # before any await: the readers still run until SHUT is out
         if self.ram.placer is not None:
             await self._stop_fault_service()
             await self._guest().postcopy_end()
             self.ram.placer = None
+        if self.ram.late_duplicates:
+            log.info("%d late duplicate pages dropped", self.ram.late_duplicates)
+        delay = self.agent.test_hooks.get("delay-shut")
+        if delay:
+            await trio.sleep(delay)
         await self.ret.send(Shut("completed"))
 
     async def _postcopy_round(self) -> None:

@@ -316,6 +316,13 @@ class RamReceiver:
         """Set at POSTCOPY_LISTEN: from then on pages are placed atomically with
         UFFDIO_COPY (which also wakes a vCPU waiting on them), never written."""
         self.on_arrival: Callable[[int, np.ndarray], None] | None = None
+        self.sealed = False
+        """Set the moment postcopy holds every page.  From then on only the guest
+        writes its RAM: a page frame still in flight (a page both requested and
+        streamed, sent before the source saw SHUT) is an older copy, and writing
+        it — by pwrite once the uffd is gone — would undo the guest's newer
+        writes.  Such frames are dropped and counted in ``late_duplicates``."""
+        self.late_duplicates = 0
 
     def _arrived(self, block: int, pages: np.ndarray) -> None:
         if self.on_arrival is not None:

@@ -381,11 +381,14 @@ class OutgoingMigration:
         stop_at = await self._stop_guest()
         st.set_status(S.DEVICE)
         await self._send(SwitchoverStart())
-        dirty = await self._sync_dirty()
+        await self._sync_dirty()
         await self.guest.stop_dirty_log()
-        for index, pages in dirty.items():
-            stale = pages[ram.sent_once[index].test_indices(pages)] if len(pages) else pages
-            for message in discard_messages(index, np.sort(stale)):
+        # Every page still to send that the destination holds a copy of is stale —
+        # dirtied since the last sync *or before it* and not re-sent yet (QEMU
+        # discards its whole dirty bitmap after the final sync, for that reason).
+        for index, pending in enumerate(ram.to_send):
+            stale = (pending & ram.sent_once[index]).indices()
+            for message in discard_messages(index, stale):
                 await self._send(message)
         sections = await self.guest.save_devices()
         await savevm.send_devices(self._send, sections)  # no VMDESC in postcopy, as QEMU
@@ -428,8 +431,18 @@ class OutgoingMigration:
             if not self.complete_sent:
                 await self._send(Complete())
                 self.complete_sent = True
+                await self._late_duplicate_hook()
             await self.shut_received.wait()
             nursery.cancel_scope.cancel()
+
+    async def _late_duplicate_hook(self) -> None:
+        """Test hook ``late-duplicate`` (seconds): after COMPLETE, send the first pages
+        of block 0 again, as a page both requested and streamed can arrive late."""
+        delay = self.agent.test_hooks.pop("late-duplicate", None)
+        if delay is not None and self.ram is not None:
+            await trio.sleep(delay)
+            pages = np.arange(min(256, self.ram.blocks[0].npages), dtype=np.uint64)
+            await self.ram.send_batch(self._send, 0, pages, "postcopy")
 
     async def _serve_requests(self, requests: trio.MemoryReceiveChannel[ReqPages]) -> None:
         assert self.ram is not None

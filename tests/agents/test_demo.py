@@ -33,12 +33,6 @@ def test_precopy_demo_verifies_the_guest_on_the_destination():
     assert summary["transferred_bytes"] > 0 and summary["downtime_ms"] > 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, issue 6 left open: about 1 run in 6 the counter check fails after "
-    "cut + recovery (a run of pages one increment behind, e.g. 'page 24445 has first byte "
-    "0xd6 after 0xd5'); reproduced on the commits before and after the review mend",
-)
 def test_recovery_demo_pauses_recovers_and_verifies():
     summary = _demo("--scenario", "recovery", "--memory", "96M")
     assert summary["status"] == "completed" and summary["verified"] is True, summary

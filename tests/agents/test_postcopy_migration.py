@@ -112,3 +112,55 @@ async def test_a_lost_page_is_caught_by_verification(pair):
         "guest-verify", {"guest": "vm1", "method": "digest", "expect": info["switchover-digest"]}
     )
     assert check["verified"] is False
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+async def test_postcopy_after_a_dirty_sync_discards_every_stale_page(pair, preempt):
+    """Pages re-dirtied during pass 1 and not yet re-sent when postcopy starts
+    are stale on the destination: the DISCARD must cover all of them, not only
+    those dirtied since the last sync (issue 6's "one increment behind" bug)."""
+    src, dst = pair
+    await src.client.execute(
+        "guest-start",
+        # A counter slow enough that pages it dirtied before the last sync are not
+        # dirtied again before the switch (a fast one rewrites everything each time).
+        {"name": "vm1", "memory": "32M", "workload": "counter:rate=8M", "fill": "mixed:60%"},
+    )
+    await _caps(src.client, **{"postcopy-ram": True, "postcopy-preempt": preempt})
+    await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 32 << 20})
+    await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
+    with trio.fail_after(60):
+        while True:
+            info = await src.client.execute("query-migrate", {"guest": "vm1"})
+            assert info["status"] in ("setup", "active"), info
+            if info["ram"]["dirty-sync-count"] >= 1:
+                break
+            await trio.sleep(0.01)
+    # Pass 2 has begun with what the walk dirtied during pass 1; switch before it ends.
+    await src.client.execute("migrate-start-postcopy", {"guest": "vm1"})
+    info = await src.client.wait_status(
+        "vm1", {"completed", "failed", "postcopy-paused"}, timeout=120
+    )
+    assert info["status"] == "completed", info.get("error-desc")
+    assert info["ram"]["dirty-sync-count"] >= 2  # the first sync really came before the switch
+    check = await dst.client.execute("guest-verify", {"guest": "vm1", "method": "counter"})
+    assert check["verified"], check
+
+
+async def test_a_late_duplicate_page_never_overwrites_what_the_guest_wrote(pair):
+    """A page sent twice (requested and streamed) can arrive after the last
+    missing page, while the destination is letting go of the uffd: it must be
+    dropped, not written over the guest's newer data (issue 6: a run of pages
+    one increment behind after recovery, where duplicates are common)."""
+    src, dst = pair
+    src.agent.test_hooks["late-duplicate"] = 0.3  # after COMPLETE
+    dst.agent.test_hooks["delay-shut"] = 1.5  # hold the window open past it
+    await _start_postcopy_migration(src, dst, memory="32M")
+    info = await src.client.wait_status(
+        "vm1", {"completed", "failed", "postcopy-paused"}, timeout=120
+    )
+    assert info["status"] == "completed", info.get("error-desc")
+    migration = next(e for e in dst.agent.guests.values() if e.name == "vm1").migration
+    assert migration.ram.late_duplicates == 256  # the duplicate arrived, inside the window
+    check = await dst.client.execute("guest-verify", {"guest": "vm1", "method": "counter"})
+    assert check["verified"], check

@@ -106,11 +106,6 @@ def logged(pane: AgentPane, text: str) -> bool:
     return any(line.text == text for line in pane.query_one(EventLog).lines)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="depends on postcopy recovery, whose known bug leaves issue 6 open: under full-suite "
-    "load the resumed migration once never completed within 90 s (seen in a CI dry run)",
-)
 async def test_a_paused_postcopy_is_recovered_and_resumed_from_the_keyboard(tmp_path: Path) -> None:
     make_pki(tmp_path)
     async with (
