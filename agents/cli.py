@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-converge", action="store_true")
     p.add_argument("--pause-before-switchover", action="store_true")
     p.add_argument(
+        "--multifd",
+        type=int,
+        metavar="N",
+        help="precopy pages over N TLS channels (capability multifd, multifd-channels N)",
+    )
+    p.add_argument(
         "--postcopy",
         action="store_true",
         help="enable postcopy (switch with `godwit migrate-postcopy VM`, or --postcopy-after-precopy)",
@@ -367,6 +373,8 @@ async def _cmd_migrate(args: argparse.Namespace, agent: Any) -> int:
         from protocol.qapi import parse_size
 
         params["max-bandwidth"] = parse_size(args.max_bandwidth)
+    if args.multifd is not None:
+        params["multifd-channels"] = args.multifd
     if params:
         await agent.execute("migrate-set-parameters", {"guest": guest, **params})
     if args.postcopy_bandwidth is not None:
@@ -381,6 +389,7 @@ async def _cmd_migrate(args: argparse.Namespace, agent: Any) -> int:
         {"capability": name, "state": True}
         for name, on in (
             ("auto-converge", args.auto_converge),
+            ("multifd", args.multifd is not None),
             ("pause-before-switchover", args.pause_before_switchover),
             ("postcopy-ram", postcopy),
             ("postcopy-preempt", args.preempt),

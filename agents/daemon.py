@@ -530,10 +530,12 @@ class Agent:
             return await qmp_file_migrate(self, entry, uri.path)
         self.transport.check_uri(uri)
         if entry.capabilities.get("multifd"):
-            raise QmpError(
-                "multifd over the network is not implemented yet (file: migrations have it); "
-                "turn the capability off for tls: migrations"
-            )
+            from .multifd import MAX_CHANNELS
+
+            if int(entry.parameters.get("multifd-channels", 2)) > MAX_CHANNELS:
+                raise QmpError(
+                    f"multifd-channels {entry.parameters['multifd-channels']}: at most {MAX_CHANNELS} for network migrations"
+                )
         mig = OutgoingMigration(self, entry, uri)
         entry.migration = mig
         assert self._nursery is not None

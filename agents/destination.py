@@ -38,6 +38,7 @@ from protocol.messages import (
     DeviceState,
     Discard,
     Hello,
+    MultifdSync,
     PageBatch,
     Pages,
     PassEnd,
@@ -63,6 +64,7 @@ from protocol.states import MigrationStatus, Role, is_terminal
 from . import savevm
 from .channel import Channel
 from .migration import MigrationState, first_error
+from .multifd import MultifdReceiver
 from .postcopy import FaultService, Liveness, PausePostcopy, close_channels, watch_pause
 from .ram import BandwidthMeter, RamReceiver
 from .source import EXPECTED_ERRORS, PROGRESS_INTERVAL
@@ -93,6 +95,8 @@ class IncomingMigration:
         self.preempt: Channel | None = None
         self.return_attached = trio.Event()
         self.preempt_attached = trio.Event()
+        self.multifd: MultifdReceiver | None = None
+        self._early_multifd: dict[int, Channel] = {}  # said HELLO before CONFIG was read
         self.state = MigrationState(Role.DESTINATION, "?", agent.events, hello.migration_id)
         self.state.channels["main"] = main.stats
         self.state.uri = f"from {peer}"
@@ -148,6 +152,16 @@ class IncomingMigration:
             self.preempt = channel
             st.channels["preempt"] = channel.stats
             self.preempt_attached.set()
+            return None
+        if kind == "multifd" and not hello.resume:
+            st.channels[channel.name] = channel.stats
+            if self.multifd is not None:
+                return self.multifd.attach(hello.index, channel)
+            if self.config is not None and not self.config.capabilities.get("multifd"):
+                return "multifd channel refused: this migration did not enable multifd"
+            if hello.index in self._early_multifd:
+                return f"multifd channel {hello.index} is already attached"
+            self._early_multifd[hello.index] = channel
             return None
         return f"channel kind {kind} is not supported in this migration"
 
@@ -210,8 +224,33 @@ class IncomingMigration:
         st.set_status(S.ACTIVE)
         with trio.fail_after(CHANNEL_TIMEOUT):
             await self.return_attached.wait()
+        await self._setup_multifd(config)
 
-    def _apply(self, msg: Any) -> None:
+    async def _setup_multifd(self, config: Config) -> None:
+        """Wait for the multifd channels CONFIG announces and start their readers."""
+        early, self._early_multifd = self._early_multifd, {}
+        if not config.capabilities.get("multifd"):
+            if early:
+                raise ProtocolError("multifd channels arrived, but CONFIG did not enable multifd")
+            return
+        assert self.ram is not None and self.nursery is not None
+        self.multifd = MultifdReceiver(int(config.parameters.get("multifd-channels", 2)))
+        for index, channel in early.items():
+            reason = self.multifd.attach(index, channel)
+            if reason is not None:
+                raise ProtocolError(reason, channel=channel.name)
+        with trio.fail_after(CHANNEL_TIMEOUT):
+            await self.multifd.all_attached.wait()
+        for index in range(self.multifd.nchannels):
+            self.nursery.start_soon(self.multifd.read, index, self.ram.write, self._apply_written)
+
+    def _apply_written(self, msg: Any) -> None:
+        """A multifd reader stored the pages in its thread: record them here."""
+        if isinstance(msg, (Pages, PageBatch)):
+            self.state.ram.multifd_bytes += len(msg.data)
+        self._apply(msg, written=True)
+
+    def _apply(self, msg: Any, *, written: bool = False) -> None:
         """Apply a page-carrying message (precopy writes, postcopy placement)."""
         assert self.ram is not None
         ram, stats = self.ram, self.state.ram
@@ -220,20 +259,12 @@ class IncomingMigration:
                 len(msg.pages) if isinstance(msg, (PageBatch, ZeroBatch)) else msg.count
             )
             return
-        if isinstance(msg, Pages):
-            ram.apply_pages(msg)
-            stats.normal += msg.count
-            stats.transferred += msg.count * stats.page_size
-        elif isinstance(msg, PageBatch):
-            ram.apply_page_batch(msg)
-            stats.normal += len(msg.pages)
-            stats.transferred += len(msg.pages) * stats.page_size
-        elif isinstance(msg, Zero):
-            ram.apply_zero(msg)
-            stats.duplicate += msg.count
+        count = ram.apply(msg, written=written)
+        if isinstance(msg, (Pages, PageBatch)):
+            stats.normal += count
+            stats.transferred += count * stats.page_size
         else:
-            ram.apply_zero_batch(msg)
-            stats.duplicate += len(msg.pages)
+            stats.duplicate += count
         if self.state.status == S.POSTCOPY_ACTIVE:
             stats.postcopy_bytes += stats.transferred - self._bytes_at_progress
         else:
@@ -269,6 +300,10 @@ class IncomingMigration:
                 self._apply(msg)
             elif isinstance(msg, PassEnd):
                 st.ram.dirty_sync_count = msg.pass_no
+            elif isinstance(msg, MultifdSync):
+                if self.multifd is None:
+                    raise ProtocolError("MULTIFD_SYNC without multifd channels", channel="main")
+                await self.multifd.wait(msg.sync_no)
             elif isinstance(msg, SwitchoverStart):
                 pass
             elif isinstance(msg, DeviceState):
@@ -551,8 +586,15 @@ class IncomingMigration:
                 await channel.send_error("failed", desc)
 
     async def _finish(self) -> None:
+        multifd = list(self.multifd.channels.values()) if self.multifd is not None else []
         with trio.move_on_after(10):
-            for channel in (self.main, self.ret, self.preempt):
+            for channel in (
+                self.main,
+                self.ret,
+                self.preempt,
+                *multifd,
+                *self._early_multifd.values(),
+            ):
                 if channel is not None:
                     await channel.aclose()
             if not self.guest_running and self.entry is not None:

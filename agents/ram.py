@@ -344,85 +344,84 @@ class RamReceiver:
             raise ValueError(f"RAM block index {index} out of range (guest has {len(self.blocks)})")
         return self.blocks[index]
 
-    def _check(self, block: RamBlock, first: int, count: int) -> None:
-        if first < 0 or count <= 0 or first + count > block.npages:
-            raise ValueError(
-                f"pages {first}..{first + count - 1} outside RAM block {block.name} ({block.npages} pages)"
-            )
-
-    def apply_pages(self, msg: Pages) -> None:
+    def _pages_of(self, msg: Any) -> tuple[RamBlock, np.ndarray]:
+        """Check a page message against its block; returns the block and the page indices."""
         block = self.block(msg.block)
-        self._check(block, msg.first_page, msg.count)
-        if len(msg.data) != msg.count * block.page_size:
-            raise ValueError(
-                f"PAGES for {block.name}: {len(msg.data)} bytes is not {msg.count} pages of {block.page_size}"
-            )
-        if self.placer is not None:
-            self.placer.copy(msg.block, msg.first_page, msg.data)
-        else:
-            block.write_pages(msg.first_page, msg.data)
-        self.received[msg.block].set_range(msg.first_page, msg.count)
-        self._arrived(msg.block, np.arange(msg.first_page, msg.first_page + msg.count))
-
-    def apply_page_batch(self, msg: PageBatch) -> None:
-        block = self.block(msg.block)
-        pages = msg.pages.astype(np.intp)
-        if len(pages) and (pages.min() < 0 or pages.max() >= block.npages):
-            raise ValueError(
-                f"PAGE_BATCH for {block.name}: page index outside 0..{block.npages - 1}"
-            )
-        data = np.frombuffer(msg.data, dtype=np.uint8)
-        if data.size != len(pages) * block.page_size:
-            raise ValueError(
-                f"PAGE_BATCH for {block.name}: {data.size} bytes is not {len(pages)} pages"
-            )
-        if self.placer is not None:
-            firsts, lengths, positions = index_runs(pages)
-            ps = block.page_size
-            view = memoryview(msg.data)
-            for first, length, pos in zip(
-                firsts.tolist(), lengths.tolist(), positions.tolist(), strict=True
-            ):
-                self.placer.copy(msg.block, first, view[pos * ps : (pos + length) * ps])
-        else:
-            write_scattered(block, pages, data)
-        self.received[msg.block].set_indices(msg.pages)
-        self._arrived(msg.block, pages)
-
-    def apply_zero(self, msg: Zero) -> None:
-        block = self.block(msg.block)
-        self._check(block, msg.first_page, msg.count)
-        received = self.received[msg.block]
-        if self.placer is not None:
-            self.placer.zeropage(msg.block, msg.first_page, msg.count)
-        else:
-            seen = received.test_indices(np.arange(msg.first_page, msg.first_page + msg.count))
-            if seen.any():  # a page we hold data for became zero: clear it
-                start, end = (
-                    msg.first_page * block.page_size,
-                    (msg.first_page + msg.count) * block.page_size,
+        name = type(msg).__name__
+        if isinstance(msg, (Pages, Zero)):
+            first, count = msg.first_page, msg.count
+            if first < 0 or count <= 0 or first + count > block.npages:
+                raise ValueError(
+                    f"pages {first}..{first + count - 1} outside RAM block {block.name} ({block.npages} pages)"
                 )
-                block.array[start:end] = 0
-        received.set_range(msg.first_page, msg.count)
-        self._arrived(msg.block, np.arange(msg.first_page, msg.first_page + msg.count))
-
-    def apply_zero_batch(self, msg: ZeroBatch) -> None:
-        block = self.block(msg.block)
-        pages = msg.pages.astype(np.intp)
-        if len(pages) and (pages.min() < 0 or pages.max() >= block.npages):
-            raise ValueError(
-                f"ZERO_BATCH for {block.name}: page index outside 0..{block.npages - 1}"
-            )
-        if self.placer is not None:
-            firsts, lengths, _ = index_runs(pages)
-            for first, length in zip(firsts.tolist(), lengths.tolist(), strict=True):
-                self.placer.zeropage(msg.block, first, length)
+            pages = np.arange(first, first + count, dtype=np.intp)
         else:
+            pages = msg.pages.astype(np.intp)
+            if len(pages) and (pages.min() < 0 or pages.max() >= block.npages):
+                raise ValueError(
+                    f"{name} for {block.name}: page index outside 0..{block.npages - 1}"
+                )
+        if isinstance(msg, (Pages, PageBatch)) and len(msg.data) != len(pages) * block.page_size:
+            raise ValueError(
+                f"{name} for {block.name}: {len(msg.data)} bytes is not {len(pages)} pages of {block.page_size}"
+            )
+        return block, pages
+
+    def write(self, msg: Any) -> None:
+        """Write a page message into the memfds (precopy), bitmaps untouched.
+
+        Safe in a worker thread: it reads ``received`` only for this message's
+        own pages, which nothing else changes meanwhile (multifd readers meet
+        at a sync point before a page can be sent again).
+        """
+        block, pages = self._pages_of(msg)
+        if isinstance(msg, Pages):
+            block.write_pages(msg.first_page, msg.data)
+        elif isinstance(msg, PageBatch):
+            write_scattered(block, pages, np.frombuffer(msg.data, dtype=np.uint8))
+        else:
+            # A ZERO for a page never received needs no write (fresh memfd pages
+            # are zero); one we hold data for became zero and is cleared.
             seen = pages[self.received[msg.block].test_indices(pages)]
             if len(seen):
                 block.array.reshape(-1, block.page_size)[seen] = 0
-        self.received[msg.block].set_indices(msg.pages)
+
+    def _place(self, msg: Any, pages: np.ndarray, page_size: int) -> None:
+        """Postcopy: place with UFFDIO_COPY / UFFDIO_ZEROPAGE, a run per ioctl."""
+        if isinstance(msg, Pages):
+            self.placer.copy(msg.block, msg.first_page, msg.data)
+        elif isinstance(msg, Zero):
+            self.placer.zeropage(msg.block, msg.first_page, msg.count)
+        else:
+            firsts, lengths, positions = index_runs(pages)
+            runs = zip(firsts.tolist(), lengths.tolist(), positions.tolist(), strict=True)
+            if isinstance(msg, PageBatch):
+                view = memoryview(msg.data)
+                for first, length, pos in runs:
+                    self.placer.copy(
+                        msg.block, first, view[pos * page_size : (pos + length) * page_size]
+                    )
+            else:
+                for first, length, _ in runs:
+                    self.placer.zeropage(msg.block, first, length)
+
+    def apply(self, msg: Any, *, written: bool = False) -> int:
+        """Apply a PAGES / PAGE_BATCH / ZERO / ZERO_BATCH; returns its page count.
+
+        ``written``: :meth:`write` already stored it (a multifd reader's thread);
+        only the bitmaps remain, which live on the trio thread.
+        """
+        block, pages = self._pages_of(msg)
+        if self.placer is not None:
+            self._place(msg, pages, block.page_size)
+        elif not written:
+            self.write(msg)
+        if isinstance(msg, (Pages, Zero)):
+            self.received[msg.block].set_range(msg.first_page, msg.count)
+        else:
+            self.received[msg.block].set_indices(pages)
         self._arrived(msg.block, pages)
+        return len(pages)
 
     def missing(self) -> int:
         return sum(r.npages - r.count() for r in self.received)

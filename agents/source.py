@@ -71,6 +71,7 @@ from protocol.uri import MigrationURI
 from . import savevm
 from .channel import Channel, ChannelClosed, PeerError
 from .migration import MigrationState, first_error
+from .multifd import MultifdSender, offload_crypto
 from .postcopy import Liveness, PausePostcopy, close_channels, discard_messages, watch_pause
 from .ram import BandwidthMeter, RamSender
 from .transport import open_channel
@@ -106,6 +107,7 @@ class OutgoingMigration:
         self.main: Channel | None = None
         self.ret: Channel | None = None
         self.preempt: Channel | None = None
+        self.multifd: MultifdSender | None = None
         self.ram: RamSender | None = None
         self.meter = BandwidthMeter()
         self.continue_event = trio.Event()
@@ -188,14 +190,16 @@ class OutgoingMigration:
             with trio.CancelScope(shield=True):
                 await self._finish()
 
-    async def _open(self, kind: ChannelKind, *, resume: bool = False) -> Channel:
+    async def _open(self, kind: ChannelKind, *, index: int = 0, resume: bool = False) -> Channel:
+        name = f"multifd-{index}" if kind is ChannelKind.MULTIFD else kind.value
         return await open_channel(
             self.agent.transport,
             self.uri,
             self.state.id,
             kind,
+            index=index,
             resume=resume,
-            stats=self.state.channel(kind.value),
+            stats=self.state.channel(name),
             keepalive_ms=int(self.parameters.get("keepalive-ms", 0)),
         )
 
@@ -218,6 +222,13 @@ class OutgoingMigration:
         if self.capabilities.get("postcopy-ram"):
             await self.main.send(PostcopyAdvise(tuple(b.page_size for b in blocks)))
         nursery.start_soon(self._return_path)
+        if self.capabilities.get("multifd"):
+            channels = []
+            for index in range(int(self.parameters.get("multifd-channels", 2))):
+                channels.append(await self._open(ChannelKind.MULTIFD, index=index))
+                offload_crypto(channels[-1])
+            self.multifd = MultifdSender(channels)
+            nursery.start_soon(self.multifd.run)
         self.ram = RamSender(
             blocks,
             st.ram,
@@ -230,6 +241,22 @@ class OutgoingMigration:
     async def _send(self, message: Any) -> int:
         assert self.main is not None
         return await self.main.send(message)
+
+    async def _send_page(self, message: Any) -> int:
+        """Precopy page frames: on the multifd channels when there are any, else main."""
+        if self.multifd is not None and not self.multifd.closed:
+            size = await self.multifd.send(message)
+            self.state.ram.multifd_bytes += size
+            return size
+        return await self._send(message)
+
+    async def _multifd_sync(self, *, last: bool = False) -> None:
+        """End a round of multifd pages (see agents/multifd.py); ``last`` closes them."""
+        if self.multifd is None or self.multifd.closed:
+            return
+        await self.multifd.sync(self._send)
+        if last:
+            await self.multifd.close()
 
     async def _checkpoint(self) -> None:
         """Between batches: progress figures and events, at most a few times a second."""
@@ -278,9 +305,10 @@ class OutgoingMigration:
             self._pass += 1
             self.agent.events.emit("MIGRATION_PASS", {"pass": self._pass, "guest": st.guest})
             try:
-                await ram.send_pass(self._send, checkpoint=self._precopy_checkpoint)
+                await ram.send_pass(self._send_page, checkpoint=self._precopy_checkpoint)
             except _SwitchNow:
                 return
+            await self._multifd_sync()
             await self._send(PassEnd(self._pass, {"transferred": st.ram.transferred}))
             now = time.monotonic()
             pass_bytes = st.ram.transferred - bytes_at_pass_start
@@ -349,7 +377,8 @@ class OutgoingMigration:
         st.set_status(S.DEVICE)
         await self._send(SwitchoverStart())
         await self._sync_dirty()
-        await self.ram.send_pass(self._send, phase="downtime")
+        await self.ram.send_pass(self._send_page, phase="downtime")
+        await self._multifd_sync(last=True)
         await self.guest.stop_dirty_log()
         sections = await self.guest.save_devices()
         await savevm.send_devices(self._send, sections)
@@ -381,6 +410,7 @@ class OutgoingMigration:
         stop_at = await self._stop_guest()
         st.set_status(S.DEVICE)
         await self._send(SwitchoverStart())
+        await self._multifd_sync(last=True)  # every multifd page lands before DISCARD
         await self._sync_dirty()
         await self.guest.stop_dirty_log()
         # Every page still to send that the destination holds a copy of is stale —
@@ -583,9 +613,10 @@ class OutgoingMigration:
 
     async def _finish(self) -> None:
         st = self.state
+        multifd = self.multifd.channels if self.multifd is not None else []
         with trio.move_on_after(10):
-            for channel in (self.main, self.ret, self.preempt):
-                if channel is None:
+            for channel in (self.main, self.ret, self.preempt, *multifd):
+                if channel is None or channel.closed:
                     continue
                 if st.status != S.COMPLETED:
                     await channel.send_error(

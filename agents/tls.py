@@ -106,6 +106,7 @@ RECV_CHUNK = 1024 * 1024  # bytes taken from the socket per wait (at most)
 SEND_CHUNK = 256 * 1024  # plaintext encrypted per send()
 RECORD = 16 * 1024  # TLS maximum plaintext per record
 DEFAULT_RECEIVE = 256 * 1024  # receive_some() without max_bytes
+OFFLOAD_MIN = 64 * 1024  # offloaded streams: less than this is not worth a thread hop
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0
 
@@ -307,6 +308,13 @@ class TLSStream(trio.abc.Stream):
         self.bytes_received = 0
         self.wire_bytes_sent = 0  # TLS bytes on the socket
         self.wire_bytes_received = 0
+        self.offload_crypto = False
+        """multifd channels: encrypt or decrypt large amounts in a worker thread
+        (OpenSSL releases the GIL), so N channels keep N cores busy.  The thread
+        belongs to the task that awaits it (``trio.to_thread``, never abandoned:
+        a cancel waits for it, so a cancelled receive still delivers nothing
+        half-done), and ``_crypto`` keeps the SSL object to one thread at a time."""
+        self._crypto = trio.Lock()
 
     # -- construction ----------------------------------------------------
 
@@ -502,31 +510,24 @@ class TLSStream(trio.abc.Stream):
         """
         with self._send_guard:
             self._check_send()
-            head = bytearray()
-            total = 0
-            for buf in buffers:
-                view = memoryview(buf).cast("B")
-                total += len(view)
-                if len(head) + len(view) <= RECORD:
-                    head += view
-                    continue
-                if head:
-                    take = RECORD - len(head)
-                    head += view[:take]
-                    view = view[take:]
-                    self._encrypt(head)
-                    head = bytearray()
-                for off in range(0, len(view), SEND_CHUNK):
-                    self._encrypt(view[off : off + SEND_CHUNK])
+            pieces, total = _plaintext_pieces(buffers)
+            if self.offload_crypto and total >= OFFLOAD_MIN:
+                async with self._crypto:
+                    await trio.to_thread.run_sync(self._encrypt_all, pieces)
+            else:
+                for piece in pieces:
+                    self._encrypt(piece)
                     if self._out.pending >= SEND_CHUNK:
                         await self._flush()
-            if head:
-                self._encrypt(head)
             if self._out.pending:
                 await self._flush()
             else:
                 await trio.lowlevel.checkpoint()
             self.bytes_sent += total
+
+    def _encrypt_all(self, pieces: list[Buffer]) -> None:
+        for piece in pieces:
+            self._encrypt(piece)
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_guard:
@@ -569,7 +570,17 @@ class TLSStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint_if_cancelled()
             blocked = False
             while True:
-                n = self._decrypt_into(view) if not self._eof else 0
+                if self._eof:
+                    n = 0
+                elif (
+                    self.offload_crypto
+                    and self._in.pending >= OFFLOAD_MIN
+                    and len(view) >= OFFLOAD_MIN
+                ):
+                    async with self._crypto:
+                        n = await trio.to_thread.run_sync(self._decrypt_into, view)
+                else:
+                    n = self._decrypt_into(view)
                 if n or self._eof:
                     break
                 blocked = True
@@ -600,7 +611,12 @@ class TLSStream(trio.abc.Stream):
             return
         self._closed = True
         try:
-            if self._handshaken and not self._send_guard.held and not self._send_broken:
+            if (
+                self._handshaken
+                and not self._send_guard.held
+                and not self._send_broken
+                and not self._crypto.locked()  # a worker thread holds the SSL object
+            ):
                 try:
                     self._ssl.unwrap()
                 except (ssl.SSLWantReadError, ssl.SSLError):
@@ -613,6 +629,31 @@ class TLSStream(trio.abc.Stream):
         finally:
             self._sock.close()
         await trio.lowlevel.checkpoint()
+
+
+def _plaintext_pieces(buffers: Sequence[Buffer]) -> tuple[list[Buffer], int]:
+    """Cut buffers into what to encrypt: small leading pieces (a frame header)
+    joined with the start of what follows into one record, the rest in
+    SEND_CHUNK slices of the caller's memory (no copy)."""
+    pieces: list[Buffer] = []
+    head = bytearray()
+    total = 0
+    for buf in buffers:
+        view = memoryview(buf).cast("B")
+        total += len(view)
+        if len(head) + len(view) <= RECORD:
+            head += view
+            continue
+        if head:
+            take = RECORD - len(head)
+            head += view[:take]
+            view = view[take:]
+            pieces.append(head)
+            head = bytearray()
+        pieces.extend(view[off : off + SEND_CHUNK] for off in range(0, len(view), SEND_CHUNK))
+    if head:
+        pieces.append(head)
+    return pieces, total
 
 
 # ---------------------------------------------------------------- plaintext

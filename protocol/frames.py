@@ -84,6 +84,7 @@ class FrameType(enum.IntEnum):
     PASS_END = 0x12  # main: end of a precopy pass, with stats
     PAGE_BATCH = 0x13  # main, multifd-N: scattered pages of one ramblock, gathered
     ZERO_BATCH = 0x14  # main, multifd-N: scattered zero pages of one ramblock
+    MULTIFD_SYNC = 0x15  # main and every multifd-N: all pages before this are sent
     POSTCOPY_ADVISE = 0x20  # main: postcopy may follow
     DISCARD = 0x21  # main: pages re-dirtied since sent
     DEVICE_STATE = 0x22  # main: one device section

@@ -631,6 +631,32 @@ class PassEnd(Message):
         return cls(pass_no, _json_object(payload[4:], "stats"))
 
 
+@dataclass(frozen=True, slots=True)
+class MultifdSync(Message):
+    """A sync point of the multifd channels (QEMU's MULTIFD_FLAG_SYNC).
+
+    Sent on every multifd-N channel after its pages of one round, and on main.
+    A destination reader stops at sync N until every multifd channel has
+    reached it, and main waits for the same: a page sent again in a later
+    round (on another channel) is never applied before its older copy.
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.MULTIFD_SYNC
+    sync_no: int
+
+    def __post_init__(self) -> None:
+        _uint("sync number", self.sync_no, _U32)
+
+    def payload_parts(self) -> list[Part]:
+        return [_U32_HEAD.pack(self.sync_no)]
+
+    @classmethod
+    def decode_payload(cls, payload: memoryview) -> Self:
+        _exact(payload, 4)
+        (sync_no,) = _U32_HEAD.unpack_from(payload)
+        return cls(sync_no)
+
+
 _BATCH = struct.Struct(">II")
 
 

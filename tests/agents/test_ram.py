@@ -52,16 +52,7 @@ async def test_pages_sent_by_a_pass_arrive_whole(block):
     try:
 
         async def send(message):
-            name = type(message).__name__
-            getattr(
-                receiver,
-                {
-                    "Pages": "apply_pages",
-                    "PageBatch": "apply_page_batch",
-                    "Zero": "apply_zero",
-                    "ZeroBatch": "apply_zero_batch",
-                }[name],
-            )(message)
+            receiver.apply(message)
             return 1
 
         await sender.send_pass(send)

@@ -51,6 +51,7 @@ def test_frame_type_numbers_are_stable() -> None:
         "PASS_END": 0x12,
         "PAGE_BATCH": 0x13,
         "ZERO_BATCH": 0x14,
+        "MULTIFD_SYNC": 0x15,
         "POSTCOPY_ADVISE": 0x20,
         "DISCARD": 0x21,
         "DEVICE_STATE": 0x22,
