@@ -64,7 +64,7 @@ from protocol.states import MigrationStatus, Role, is_terminal
 from . import savevm
 from .channel import Channel
 from .migration import MigrationState, first_error
-from .multifd import MultifdReceiver
+from .multifd import MultifdReceiver, offload_crypto
 from .postcopy import FaultService, Liveness, PausePostcopy, close_channels, watch_pause
 from .ram import BandwidthMeter, RamReceiver
 from .source import EXPECTED_ERRORS, PROGRESS_INTERVAL
@@ -112,6 +112,8 @@ class IncomingMigration:
         self.pause_requested = trio.Event()
         self.recover_armed = False
         self.recovery_started = trio.Event()
+        self.background_placer: Any = None  # the worker thread's own (ioctl buffers)
+        self.placing = trio.Lock()  # held while a worker thread places background pages
         self.fault_scope = trio.CancelScope()
         self.fault_task_done = trio.Event()
         self.cancel_scope = trio.CancelScope()
@@ -242,15 +244,15 @@ class IncomingMigration:
         with trio.fail_after(CHANNEL_TIMEOUT):
             await self.multifd.all_attached.wait()
         for index in range(self.multifd.nchannels):
-            self.nursery.start_soon(self.multifd.read, index, self.ram.write, self._apply_written)
+            self.nursery.start_soon(self.multifd.read, index, self.ram.store, self._apply_stored)
 
-    def _apply_written(self, msg: Any) -> None:
+    def _apply_stored(self, msg: Any) -> None:
         """A multifd reader stored the pages in its thread: record them here."""
         if isinstance(msg, (Pages, PageBatch)):
             self.state.ram.multifd_bytes += len(msg.data)
-        self._apply(msg, written=True)
+        self._apply(msg, stored=True)
 
-    def _apply(self, msg: Any, *, written: bool = False) -> None:
+    def _apply(self, msg: Any, *, stored: bool = False) -> None:
         """Apply a page-carrying message (precopy writes, postcopy placement)."""
         assert self.ram is not None
         ram, stats = self.ram, self.state.ram
@@ -259,7 +261,7 @@ class IncomingMigration:
                 len(msg.pages) if isinstance(msg, (PageBatch, ZeroBatch)) else msg.count
             )
             return
-        count = ram.apply(msg, written=written)
+        count = ram.apply(msg, stored=stored)
         if isinstance(msg, (Pages, PageBatch)):
             stats.normal += count
             stats.transferred += count * stats.page_size
@@ -384,6 +386,7 @@ class IncomingMigration:
         placer = self._guest().placer()
         self.faults = FaultService(placer, self.ram.received, st.postcopy)
         self.ram.placer = placer
+        self.background_placer = placer.sibling()
         self.ram.on_arrival = self._arrived
         self.nursery.start_soon(self._fault_task)
 
@@ -446,6 +449,8 @@ class IncomingMigration:
         """
         assert self.ram is not None and self.ret is not None
         self.ram.sealed = True  # before any await: the readers still run until SHUT is out
+        async with self.placing:  # no placement in flight when the uffd goes
+            pass
         if self.ram.placer is not None:
             await self._stop_fault_service()
             await self._guest().postcopy_end()
@@ -461,6 +466,9 @@ class IncomingMigration:
         assert self.main is not None and self.ram is not None
         assert self.config is not None
         self.liveness = Liveness(int(self.config.parameters.get("keepalive-ms", 2000)), "source")
+        # The background stream's crypto and placement run in worker threads, so
+        # the trio thread is free for faults, requests and preempt pages.
+        offload_crypto(self.main)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._postcopy_reader, self.main)
             if self.preempt is not None:
@@ -475,9 +483,14 @@ class IncomingMigration:
 
     async def _postcopy_reader(self, channel: Channel) -> None:
         assert self.ram is not None
+        background = channel is self.main
         while True:
             msg = await channel.receive()
-            if isinstance(msg, PAGE_MESSAGES):
+            if isinstance(msg, PAGE_MESSAGES) and background and not self.ram.sealed:
+                async with self.placing:
+                    await trio.to_thread.run_sync(self.ram.store, msg, self.background_placer)
+                self._apply(msg, stored=True)
+            elif isinstance(msg, PAGE_MESSAGES):
                 self._apply(msg)
             elif isinstance(msg, Ping):
                 assert self.ret is not None

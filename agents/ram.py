@@ -306,6 +306,24 @@ class RamSender:
         return nbytes
 
 
+def _place(placer: Any, msg: Any, pages: np.ndarray, page_size: int) -> None:
+    """Postcopy: place with UFFDIO_COPY / UFFDIO_ZEROPAGE, a run per ioctl."""
+    if isinstance(msg, Pages):
+        placer.copy(msg.block, msg.first_page, msg.data)
+    elif isinstance(msg, Zero):
+        placer.zeropage(msg.block, msg.first_page, msg.count)
+    else:
+        firsts, lengths, positions = index_runs(pages)
+        runs = zip(firsts.tolist(), lengths.tolist(), positions.tolist(), strict=True)
+        if isinstance(msg, PageBatch):
+            view = memoryview(msg.data)
+            for first, length, pos in runs:
+                placer.copy(msg.block, first, view[pos * page_size : (pos + length) * page_size])
+        else:
+            for first, length, _ in runs:
+                placer.zeropage(msg.block, first, length)
+
+
 class RamReceiver:
     """The destination's RAM: applies pages and remembers which ones arrived."""
 
@@ -367,15 +385,20 @@ class RamReceiver:
             )
         return block, pages
 
-    def write(self, msg: Any) -> None:
-        """Write a page message into the memfds (precopy), bitmaps untouched.
+    def store(self, msg: Any, placer: Any = None) -> None:
+        """Put a page message's data in place, bitmaps untouched: written into the
+        memfds (precopy), or placed with ``placer`` (postcopy, atomically).
 
-        Safe in a worker thread: it reads ``received`` only for this message's
+        Safe in a worker thread (with a placer of its own: a placer's ioctl
+        buffers are not shared): it reads ``received`` only for this message's
         own pages, which nothing else changes meanwhile (multifd readers meet
-        at a sync point before a page can be sent again).
+        at a sync point before a page can be sent again; postcopy pages are
+        the source's final copy, and a second placement fails EEXIST).
         """
         block, pages = self._pages_of(msg)
-        if isinstance(msg, Pages):
+        if placer is not None:
+            _place(placer, msg, pages, block.page_size)
+        elif isinstance(msg, Pages):
             block.write_pages(msg.first_page, msg.data)
         elif isinstance(msg, PageBatch):
             write_scattered(block, pages, np.frombuffer(msg.data, dtype=np.uint8))
@@ -386,36 +409,15 @@ class RamReceiver:
             if len(seen):
                 block.array.reshape(-1, block.page_size)[seen] = 0
 
-    def _place(self, msg: Any, pages: np.ndarray, page_size: int) -> None:
-        """Postcopy: place with UFFDIO_COPY / UFFDIO_ZEROPAGE, a run per ioctl."""
-        if isinstance(msg, Pages):
-            self.placer.copy(msg.block, msg.first_page, msg.data)
-        elif isinstance(msg, Zero):
-            self.placer.zeropage(msg.block, msg.first_page, msg.count)
-        else:
-            firsts, lengths, positions = index_runs(pages)
-            runs = zip(firsts.tolist(), lengths.tolist(), positions.tolist(), strict=True)
-            if isinstance(msg, PageBatch):
-                view = memoryview(msg.data)
-                for first, length, pos in runs:
-                    self.placer.copy(
-                        msg.block, first, view[pos * page_size : (pos + length) * page_size]
-                    )
-            else:
-                for first, length, _ in runs:
-                    self.placer.zeropage(msg.block, first, length)
-
-    def apply(self, msg: Any, *, written: bool = False) -> int:
+    def apply(self, msg: Any, *, stored: bool = False) -> int:
         """Apply a PAGES / PAGE_BATCH / ZERO / ZERO_BATCH; returns its page count.
 
-        ``written``: :meth:`write` already stored it (a multifd reader's thread);
-        only the bitmaps remain, which live on the trio thread.
+        ``stored``: :meth:`store` already put the data in place (in a worker
+        thread); only the bitmaps remain, which live on the trio thread.
         """
-        block, pages = self._pages_of(msg)
-        if self.placer is not None:
-            self._place(msg, pages, block.page_size)
-        elif not written:
-            self.write(msg)
+        _, pages = self._pages_of(msg)
+        if not stored:
+            self.store(msg, self.placer)
         if isinstance(msg, (Pages, Zero)):
             self.received[msg.block].set_range(msg.first_page, msg.count)
         else:

@@ -450,6 +450,7 @@ class OutgoingMigration:
 
     async def _postcopy_round(self) -> None:
         assert self.ram is not None and self.main is not None
+        offload_crypto(self.main)  # background crypto off the thread that serves requests
         self.liveness = Liveness(int(self.parameters.get("keepalive-ms", 2000)), "destination")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._postcopy_return_path, self._requests_in)

@@ -64,6 +64,12 @@ class UffdPlacer:
     def fileno(self) -> int:
         return self.fd
 
+    def sibling(self) -> UffdPlacer:
+        """A placer on the same uffd for another thread (its own ioctl buffers).
+
+        It borrows the fd: close only the original."""
+        return UffdPlacer(self.fd, self.mappings)
+
     def close(self) -> None:
         """Close the agent's copy of the uffd (the guest unregisters its own)."""
         if self.fd >= 0:

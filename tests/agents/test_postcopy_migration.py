@@ -161,6 +161,6 @@ async def test_a_late_duplicate_page_never_overwrites_what_the_guest_wrote(pair)
     )
     assert info["status"] == "completed", info.get("error-desc")
     migration = next(e for e in dst.agent.guests.values() if e.name == "vm1").migration
-    assert migration.ram.late_duplicates == 256  # the duplicate arrived, inside the window
+    assert migration.ram.late_duplicates >= 256  # the duplicate arrived, inside the window
     check = await dst.client.execute("guest-verify", {"guest": "vm1", "method": "counter"})
     assert check["verified"], check
