@@ -550,6 +550,8 @@ class TLSStream(trio.abc.Stream):
             except ssl.SSLError as exc:
                 raise TLSError(self.peer_address, _ssl_reason(exc)) from exc
             if not n:
+                # CPython returns 0 (not SSLZeroReturnError) for the peer's close_notify.
+                self._eof = True
                 break
             got += n
         return got

@@ -136,6 +136,7 @@ async def test_mutual_handshake_and_integrity_both_ways(tls_pki: Path) -> None:
     rng = random.Random(4)
     up, down = os.urandom(3 << 20), os.urandom(2 << 20)
     got: dict[str, bytes] = {}
+    served = trio.Event()
 
     async def serve(stream: TLSStream) -> None:
         async with trio.open_nursery() as n:
@@ -143,6 +144,7 @@ async def test_mutual_handshake_and_integrity_both_ways(tls_pki: Path) -> None:
             got["up"] = await drain(stream, len(up), random.Random(6))
         assert await stream.receive_some() == b""  # client's close_notify
         await stream.aclose()
+        served.set()
 
     async with tls_server(ctx_for(tls_pki, "server", server=True), serve) as server:
         client = await TLSStream.connect(
@@ -161,6 +163,8 @@ async def test_mutual_handshake_and_integrity_both_ways(tls_pki: Path) -> None:
         assert srv.peer_identity.dns_names == ("client",)
         assert srv.peer_identity.address.startswith("127.0.0.1:")
         await client.aclose()
+        with trio.fail_after(30):
+            await served.wait()  # the server may still be decrypting the last of "up"
     assert got["up"] == up and got["down"] == down
     assert client.bytes_sent == srv.bytes_received == len(up)
     assert srv.bytes_sent == client.bytes_received == len(down)
