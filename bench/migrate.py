@@ -23,10 +23,13 @@ Three sections, every figure beside a baseline measured in this run:
    running on the destination) beside the target (50 ms), the limit, and the
    last expected-downtime the source reported while active (query-migrate
    polled every 5 ms) — how far the prediction was from the outcome.
-3. multifd, 2 channels vs 1: a hook.  godwit has multifd only for file:
-   (mapped-ram) migrations.  The row probes a small network migration with
-   the capability on and prints "not implemented" with what it saw unless
-   the migration really used multifd channels; only then does it measure.
+3. multifd, 2 channels vs 1: the same 1 GiB idle guest over 2 multifd TLS
+   channels (crypto and page writes in worker threads) and over main alone.
+   A small probe migration first checks that page data really travelled on
+   multifd channels (``multifd-bytes``, the channel table) and prints what
+   it saw instead of a figure if not.  On this 2-core machine both agents
+   share the cores, so expect little gain: one channel already keeps both
+   busy.
 
 Not a test: nothing is asserted.  The machine is shared and noisy; the
 header says how loaded it was.
