@@ -38,6 +38,11 @@ class PeerError(Exception):
         self.message = error.message
 
 
+def frame_size(buffers: list[Any]) -> int:
+    """Bytes of an encoded frame (``Message.encode()``'s parts)."""
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
 class Channel:
     def __init__(
         self,
@@ -64,8 +69,11 @@ class Channel:
 
     async def send(self, message: Message) -> int:
         """Send one message; returns the bytes written (header included)."""
-        buffers = message.encode()
-        size = sum(len(b) if not isinstance(b, memoryview) else b.nbytes for b in buffers)
+        return await self.send_parts(message.encode())
+
+    async def send_parts(self, buffers: list[Any]) -> int:
+        """Send one message already encoded (``Message.encode()``); returns its size."""
+        size = frame_size(buffers)
         async with self._send_lock:
             if hasattr(self.stream, "send_many"):
                 await self.stream.send_many(buffers)

@@ -56,8 +56,6 @@ from protocol.messages import (
     Shut,
     SwitchoverStart,
     Vmdesc,
-    Zero,
-    ZeroBatch,
 )
 from protocol.states import MigrationStatus, Role, is_terminal
 
@@ -66,7 +64,7 @@ from .channel import Channel
 from .migration import MigrationState, first_error
 from .multifd import MultifdReceiver, offload_crypto
 from .postcopy import FaultService, Liveness, PausePostcopy, close_channels, watch_pause
-from .ram import BandwidthMeter, RamReceiver
+from .ram import PAGE_MESSAGES, BandwidthMeter, RamReceiver
 from .source import EXPECTED_ERRORS, PROGRESS_INTERVAL
 from .vm.devices import DeviceSection
 
@@ -81,8 +79,6 @@ CONFIG_TIMEOUT = 30.0
 CHANNEL_TIMEOUT = 30.0
 RECOVER_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 60.0
-
-PAGE_MESSAGES = (Pages, PageBatch, Zero, ZeroBatch)
 
 
 class IncomingMigration:
@@ -256,11 +252,6 @@ class IncomingMigration:
         """Apply a page-carrying message (precopy writes, postcopy placement)."""
         assert self.ram is not None
         ram, stats = self.ram, self.state.ram
-        if ram.sealed:
-            ram.late_duplicates += (
-                len(msg.pages) if isinstance(msg, (PageBatch, ZeroBatch)) else msg.count
-            )
-            return
         count = ram.apply(msg, stored=stored)
         if isinstance(msg, (Pages, PageBatch)):
             stats.normal += count

@@ -26,30 +26,22 @@ placed with UFFDIO_COPY; recovery re-creates only main, return and preempt.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
 from protocol.errors import ProtocolError
-from protocol.messages import Message, MultifdSync, PageBatch, Pages, Zero, ZeroBatch
+from protocol.messages import Message, MultifdSync
 
-from .channel import Channel, ChannelClosed
-
-log = logging.getLogger("godwit.multifd")
+from .channel import Channel, ChannelClosed, frame_size
+from .ram import PAGE_MESSAGES
 
 QUEUE_DEPTH = 2
 """Frames waiting per channel: enough to keep its thread busy while the
 producer gathers the next batch, few enough that a slow channel is noticed."""
 
 MAX_CHANNELS = 16
-
-PAGE_MESSAGES = (Pages, PageBatch, Zero, ZeroBatch)
-
-
-def frame_size(message: Message) -> int:
-    return sum(memoryview(part).nbytes for part in message.encode())
 
 
 def offload_crypto(channel: Channel) -> None:
@@ -65,7 +57,8 @@ class MultifdSender:
         if not channels:
             raise ValueError("multifd needs at least one channel")
         self.channels = channels
-        self._queues = [trio.open_memory_channel[Message](QUEUE_DEPTH) for _ in channels]
+        # Frames are queued encoded: encoding once tells the producer their size too.
+        self._queues = [trio.open_memory_channel[list[Any]](QUEUE_DEPTH) for _ in channels]
         self.sync_no = 0
         self.closed = False
 
@@ -75,24 +68,24 @@ class MultifdSender:
             for channel, (_, receive) in zip(self.channels, self._queues, strict=True):
                 nursery.start_soon(self._pump, channel, receive)
 
-    async def _pump(self, channel: Channel, queue: trio.MemoryReceiveChannel[Message]) -> None:
+    async def _pump(self, channel: Channel, queue: trio.MemoryReceiveChannel[list[Any]]) -> None:
         async with queue:
-            async for message in queue:
-                await channel.send(message)
+            async for parts in queue:
+                await channel.send_parts(parts)
         await channel.aclose()
 
     async def send(self, message: Message) -> int:
         """Queue one page frame on the least busy channel; returns its size on the wire."""
         send, _ = min(self._queues, key=lambda q: q[0].statistics().current_buffer_used)
-        size = frame_size(message)
-        await send.send(message)
-        return size
+        parts = message.encode()
+        await send.send(parts)
+        return frame_size(parts)
 
     async def sync(self, send_main: Callable[[Message], Awaitable[Any]]) -> None:
         """End a round: MULTIFD_SYNC on every multifd channel (after its pages), then main."""
         self.sync_no += 1
         for send, _ in self._queues:
-            await send.send(MultifdSync(self.sync_no))
+            await send.send(MultifdSync(self.sync_no).encode())
         await send_main(MultifdSync(self.sync_no))
 
     async def close(self) -> None:

@@ -46,6 +46,9 @@ def batch_pages(page_size: int) -> int:
     return max(1, BATCH_BYTES // page_size)
 
 
+PAGE_MESSAGES = (Pages, PageBatch, Zero, ZeroBatch)
+"""The frames that carry pages (RamReceiver.apply takes any of them)."""
+
 MAX_RUNS_PER_BATCH = 4
 """More zero/data runs than this in one batch and it is sent gathered instead."""
 
@@ -395,7 +398,9 @@ class RamReceiver:
         at a sync point before a page can be sent again; postcopy pages are
         the source's final copy, and a second placement fails EEXIST).
         """
-        block, pages = self._pages_of(msg)
+        self._store(msg, *self._pages_of(msg), placer)
+
+    def _store(self, msg: Any, block: RamBlock, pages: np.ndarray, placer: Any) -> None:
         if placer is not None:
             _place(placer, msg, pages, block.page_size)
         elif isinstance(msg, Pages):
@@ -414,10 +419,14 @@ class RamReceiver:
 
         ``stored``: :meth:`store` already put the data in place (in a worker
         thread); only the bitmaps remain, which live on the trio thread.
+        Once ``sealed``, nothing is applied: the pages count as late duplicates.
         """
-        _, pages = self._pages_of(msg)
+        block, pages = self._pages_of(msg)
+        if self.sealed:
+            self.late_duplicates += len(pages)
+            return 0
         if not stored:
-            self.store(msg, self.placer)
+            self._store(msg, block, pages, self.placer)
         if isinstance(msg, (Pages, Zero)):
             self.received[msg.block].set_range(msg.first_page, msg.count)
         else:

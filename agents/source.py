@@ -64,6 +64,7 @@ from protocol.messages import (
     ResumeAck,
     Shut,
     SwitchoverStart,
+    channel_name,
 )
 from protocol.states import MigrationStatus, Role, is_terminal
 from protocol.uri import MigrationURI
@@ -191,7 +192,6 @@ class OutgoingMigration:
                 await self._finish()
 
     async def _open(self, kind: ChannelKind, *, index: int = 0, resume: bool = False) -> Channel:
-        name = f"multifd-{index}" if kind is ChannelKind.MULTIFD else kind.value
         return await open_channel(
             self.agent.transport,
             self.uri,
@@ -199,7 +199,7 @@ class OutgoingMigration:
             kind,
             index=index,
             resume=resume,
-            stats=self.state.channel(name),
+            stats=self.state.channel(channel_name(kind, index)),
             keepalive_ms=int(self.parameters.get("keepalive-ms", 0)),
         )
 

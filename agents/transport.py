@@ -23,7 +23,7 @@ import trio
 
 from protocol import PROTOCOL_VERSION
 from protocol.errors import ProtocolError
-from protocol.messages import ChannelKind, Hello, check_version
+from protocol.messages import ChannelKind, Hello, channel_name, check_version
 from protocol.uri import MigrationURI
 
 from .channel import Channel, ChannelClosed, PeerError
@@ -125,8 +125,7 @@ async def open_channel(
     """Dial one channel and introduce it with HELLO."""
     stream = await transport.dial(uri)
     keepalive(stream, keepalive_ms)
-    name = kind.value if kind != ChannelKind.MULTIFD else f"multifd-{index}"
-    channel = Channel(name, stream, stats)
+    channel = Channel(channel_name(kind, index), stream, stats)
     try:
         await channel.send(Hello(PROTOCOL_VERSION, migration_id, kind, index, resume))
     except BaseException:
@@ -197,11 +196,7 @@ async def serve_migrations(
             await channel.send_error("bad-hello", reason)
             await channel.aclose()
             return
-        channel.name = (
-            hello.channel.value
-            if hello.channel != ChannelKind.MULTIFD
-            else f"multifd-{hello.index}"
-        )
+        channel.name = hello.channel_name
         channel.decoder.channel = channel.name
         channel.stats.name = channel.name  # query-migrate's channel table names it by kind
         try:

@@ -287,6 +287,11 @@ _HELLO = struct.Struct(">HH16sBBH")
 _HELLO_RESUME = 0x01
 
 
+def channel_name(kind: ChannelKind, index: int = 0) -> str:
+    """How a channel is named in logs and query-migrate: its kind, multifd ones numbered."""
+    return f"multifd-{index}" if kind is ChannelKind.MULTIFD else kind.value
+
+
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
     """First frame on every channel: who we are and which migration this joins."""
@@ -314,9 +319,7 @@ class Hello(Message):
     @property
     def channel_name(self) -> str:
         """``main``, ``return``, ``preempt`` or ``multifd-N``."""
-        if self.channel is ChannelKind.MULTIFD:
-            return f"multifd-{self.index}"
-        return self.channel.value
+        return channel_name(self.channel, self.index)
 
     def payload_parts(self) -> list[Part]:
         flags = _HELLO_RESUME if self.resume else 0
