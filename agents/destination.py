@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -64,7 +65,7 @@ from .channel import Channel
 from .migration import MigrationState, first_error
 from .multifd import MultifdReceiver, offload_crypto
 from .postcopy import FaultService, Liveness, PausePostcopy, close_channels, watch_pause
-from .ram import PAGE_MESSAGES, BandwidthMeter, RamReceiver
+from .ram import PAGE_MESSAGES, BandwidthMeter, PageWriter, RamReceiver
 from .source import EXPECTED_ERRORS, PROGRESS_INTERVAL
 from .vm.devices import DeviceSection
 
@@ -98,6 +99,7 @@ class IncomingMigration:
         self.state.uri = f"from {peer}"
         self.entry: GuestEntry | None = None
         self.ram: RamReceiver | None = None
+        self.writer: PageWriter | None = None
         self.config: Config | None = None
         self.sections: list[DeviceSection] = []
         self.vmdesc: dict[str, Any] | None = None
@@ -217,6 +219,9 @@ class IncomingMigration:
         st.guest = self.entry.name
         st.postcopy_enabled = bool(config.capabilities.get("postcopy-ram"))
         self.ram = RamReceiver(self._guest().blocks)
+        self.writer = PageWriter(self.ram.store, partial(self._apply, stored=True))
+        assert self.nursery is not None
+        self.nursery.start_soon(self.writer.run)
         st.ram.page_size = config.ramblocks[0].page_size if config.ramblocks else 4096
         st.ram.total = sum(b.size for b in config.ramblocks)
         st.set_status(S.ACTIVE)
@@ -285,10 +290,17 @@ class IncomingMigration:
 
     async def _load(self) -> None:
         """Everything on main up to COMPLETE (precopy) or RUN (postcopy)."""
-        assert self.ram is not None and self.main is not None
+        assert self.ram is not None and self.main is not None and self.writer is not None
         st = self.state
         while True:
             msg = await self.main.receive()
+            if isinstance(msg, PAGE_MESSAGES) and self.ram.placer is None:
+                await self.writer.put(msg)
+                continue
+            if not isinstance(msg, (PassEnd, Ping, DeviceState, Vmdesc, SwitchoverStart)):
+                # Whatever follows may read guest RAM or change how pages are
+                # placed: the pages before it must be in place first.
+                await self.writer.drain()
             if isinstance(msg, PAGE_MESSAGES):
                 self._apply(msg)
             elif isinstance(msg, PassEnd):

@@ -327,6 +327,57 @@ def _place(placer: Any, msg: Any, pages: np.ndarray, page_size: int) -> None:
                 placer.zeropage(msg.block, first, length)
 
 
+class PageWriter:
+    """Precopy: the destination's page writes, one frame behind its decryption.
+
+    Receiving a frame (TLS decryption, on the trio thread) and writing it
+    into the memfd (pwrite, which on this kind of machine costs as much as
+    the decryption: the kernel allocates every fresh page) are independent,
+    and both release the GIL.  Done one after the other on one thread they
+    add up; here a task owns one worker thread at a time that writes frame
+    *n* while the trio thread decrypts frame *n+1*.
+
+    Frames are written in the order they arrived (one writer), so a page
+    sent twice — or a page then a ZERO for it — ends as the newer copy.  The
+    bitmaps are updated on the trio thread after each write (``applied``).
+    Anything that reads guest RAM or changes how pages are placed (device
+    load, DISCARD, POSTCOPY_LISTEN, multifd sync points, COMPLETE) first
+    waits for :meth:`drain`.  ``depth`` frames (of at most 1 MiB) may be
+    queued, which bounds the memory this takes.
+    """
+
+    def __init__(
+        self,
+        store: Callable[[Any], None],
+        applied: Callable[[Any], None],
+        depth: int = 4,
+    ) -> None:
+        self._store = store
+        self._applied = applied
+        self._send, self._receive = trio.open_memory_channel[Any](depth)
+        self._queued = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def run(self) -> None:
+        """The writer task: runs until cancelled (the migration's nursery owns it)."""
+        async for msg in self._receive:
+            await trio.to_thread.run_sync(self._store, msg)
+            self._applied(msg)
+            self._queued -= 1
+            if self._queued == 0:
+                self._idle.set()
+
+    async def put(self, msg: Any) -> None:
+        self._queued += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        await self._send.send(msg)
+
+    async def drain(self) -> None:
+        """Return once every frame put so far is written and applied."""
+        await self._idle.wait()
+
+
 class RamReceiver:
     """The destination's RAM: applies pages and remembers which ones arrived."""
 
