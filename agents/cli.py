@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pki", type=Path, metavar="DIR", help="PKI directory (godwit pki init/issue)")
     p.add_argument("--state-dir", type=Path, metavar="DIR", help="where the agent keeps state")
     p.add_argument(
+        "--spare-guests",
+        type=int,
+        metavar="N",
+        help="guest processes kept started ahead, so a restore or an incoming guest "
+        "runs without waiting for Python to start (default 1; 0 for none)",
+    )
+    p.add_argument(
         "--config", type=Path, metavar="FILE", help="TOML file with the same keys; flags win"
     )
     p.add_argument(
@@ -259,7 +266,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     config = AgentConfig.from_toml(args.config) if args.config else AgentConfig()
-    for key in ("name", "listen", "control", "control_tls", "pki", "state_dir"):
+    for key in ("name", "listen", "control", "control_tls", "pki", "state_dir", "spare_guests"):
         value = getattr(args, key)
         if value is not None:
             setattr(config, key, value)

@@ -85,6 +85,7 @@ from .vm.devices import DeviceSection
 from .vm.guest import Guest, GuestSpec
 from .vm.postcopy import UffdPlacer
 from .vm.ramblock import RamBlock, zero_page_mask
+from .vm.spares import SparePool
 
 if TYPE_CHECKING:
     from .daemon import Agent, GuestEntry
@@ -823,16 +824,27 @@ class _Reader:
         return placed
 
 
-def _new_blocks(spec: GuestSpec) -> list[RamBlock]:
+def _prepare(
+    path: str | os.PathLike[str],
+    expect_layout: Sequence[tuple[str, int]] | Sequence[tuple[str, int, int]] | None,
+    direct_io: bool,
+    marks: dict[str, float],
+    t0: float,
+) -> tuple[SavedFile, list[RamBlock], _Reader]:
+    """Validate the file, make the guest's memfds and open the reader (one thread hop)."""
+    saved = read_saved_file(path, expect_layout=expect_layout)
+    marks["validated"] = time.monotonic() - t0
     blocks: list[RamBlock] = []
     try:
-        for name, size in spec.layout():
-            blocks.append(RamBlock.create(name, size, hugetlb=spec.hugetlb))
+        for name, size in saved.spec.layout():
+            blocks.append(RamBlock.create(name, size, hugetlb=saved.spec.hugetlb))
+        reader = _Reader(saved, blocks, direct_io)
     except BaseException:
         for b in blocks:
             b.close()
         raise
-    return blocks
+    marks["memory"] = time.monotonic() - t0
+    return saved, blocks, reader
 
 
 async def restore_guest(
@@ -846,6 +858,8 @@ async def restore_guest(
     expect_layout: Sequence[tuple[str, int]] | Sequence[tuple[str, int, int]] | None = None,
     state: MigrationState | None = None,
     timings: dict[str, float] | None = None,
+    spares: SparePool | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
     task_status: trio.TaskStatus[Guest] = trio.TASK_STATUS_IGNORED,
 ) -> Guest:
     """Bring the guest saved in ``path`` back; returns it when every page is in place.
@@ -853,8 +867,12 @@ async def restore_guest(
     Under ``nursery.start`` the Guest is handed back as soon as it runs (eager:
     at the end; lazy: at once, while pages keep arriving in the task).
     ``autostart=False`` loads devices but leaves the vCPUs stopped.
+    ``spares``: a ready spare guest process becomes the guest, if the pool
+    has one (no interpreter start on the critical path); ``state_dir``: the
+    guest outlives the agent, as guests started there do.
     ``timings`` (if given) receives seconds since the call: ``validated``,
-    ``guest-ready`` (process up), ``running`` (vCPUs released) and ``complete``.
+    ``memory`` (memfds made), ``guest-ready`` (process up), ``devices``
+    (loaded), ``running`` (vCPUs released) and ``complete``.
     On any error the guest is quit and its memory closed before the error
     propagates; ``state`` (role destination) then ends ``failed``.
     """
@@ -866,13 +884,13 @@ async def restore_guest(
     blocks: list[RamBlock] = []
     reader: _Reader | None = None
     try:
-        saved = await trio.to_thread.run_sync(
-            partial(read_saved_file, path, expect_layout=expect_layout)
+        saved, blocks, rd = await trio.to_thread.run_sync(
+            _prepare, path, expect_layout, direct_io, marks, t0
         )
+        reader = rd  # closed in ``finally``; ``rd`` is the same, never None
         spec = saved.spec
         if name:
             spec.name = name
-        marks["validated"] = time.monotonic() - t0
         if state is not None:
             state.guest = spec.name
             state.ram.total = sum(b.size for b in saved.layout.blocks)
@@ -880,8 +898,6 @@ async def restore_guest(
             state.ram.remaining = sum(b.present_pages * b.page_size for b in saved.layout.blocks)
             state.ram.duplicate = sum(b.npages - b.present_pages for b in saved.layout.blocks)
             state.postcopy_enabled = lazy
-        blocks = await trio.to_thread.run_sync(_new_blocks, spec)
-        reader = await trio.to_thread.run_sync(_Reader, saved, blocks, direct_io)
         pending = [state.ram.remaining if state is not None else 0]
 
         def done(job: Job, res: tuple[int, int]) -> None:
@@ -893,15 +909,18 @@ async def restore_guest(
             guest_box: list[Guest] = []
 
             async def spawn() -> None:
-                guest_box.append(await Guest.start_incoming(spec, blocks))
+                guest_box.append(
+                    await Guest.start_incoming(spec, blocks, state_dir=state_dir, spares=spares)
+                )
                 marks["guest-ready"] = time.monotonic() - t0
 
             # The guest process starts while the readers fill its memory.
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(spawn)
-                await _run_jobs(reader.jobs(), readers, reader.eager_job, done)
+                await _run_jobs(rd.jobs(), readers, rd.eager_job, done)
             guest = guest_box[0]
             await guest.load_devices(saved.sections)
+            marks["devices"] = time.monotonic() - t0
             if autostart:
                 await guest.cont()
             marks["running"] = time.monotonic() - t0
@@ -911,21 +930,24 @@ async def restore_guest(
             task_status.started(guest)
             return guest
 
-        guest = await Guest.start_incoming(spec, blocks, postcopy=True)
+        guest = await Guest.start_incoming(
+            spec, blocks, postcopy=True, state_dir=state_dir, spares=spares
+        )
         marks["guest-ready"] = time.monotonic() - t0
         progress.set_status(S.ACTIVE)
         placer = guest.placer()
         fault_buf = memoryview(mmap.mmap(-1, max(FAULT_WINDOW_BYTES, blocks[0].page_size)))
         progress.set_status(S.POSTCOPY_DEVICE)
         await guest.load_devices(saved.sections)  # vCPUs still parked: no RAM touched yet
+        marks["devices"] = time.monotonic() - t0
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_serve_faults, reader, placer, fault_buf, state)
+            nursery.start_soon(_serve_faults, rd, placer, fault_buf, state)
             if autostart:
                 await guest.cont()
             marks["running"] = time.monotonic() - t0
             progress.set_status(S.POSTCOPY_ACTIVE)
             task_status.started(guest)
-            await _run_jobs(reader.jobs(), readers, partial(reader.lazy_job, placer), done)
+            await _run_jobs(rd.jobs(), readers, partial(rd.lazy_job, placer), done)
             await guest.postcopy_end()
             nursery.cancel_scope.cancel()
         progress.finish()
@@ -1118,6 +1140,8 @@ async def qmp_file_restore(agent: Agent, args: dict[str, Any]) -> dict[str, Any]
                             readers=readers,
                             autostart=autostart,
                             state=st,
+                            spares=agent.spares,
+                            state_dir=agent.config.state_dir,
                         )
                     )
                     entry.guest = guest

@@ -2,7 +2,10 @@
 
 ``Guest.start`` creates the RAM blocks, fills them, spawns
 ``python -m agents.vm.guest_main`` with the memfds and one end of a
-SOCK_SEQPACKET socketpair (``pass_fds``), and waits for its hello.
+SOCK_SEQPACKET socketpair (``pass_fds``), and waits for its hello — or,
+given a ``SparePool`` with a spare ready (spares.py), hands that
+already-started process the same config and memfds instead, which saves
+the interpreter's 120–180 ms of start-up.
 ``Guest.start_incoming`` does the same for a destination: RAM arrives later
 (the agent writes the RamBlocks), vCPUs wait for ``cont``, and with
 ``postcopy=True`` the guest registers its mapping MISSING before any vCPU
@@ -62,6 +65,7 @@ from agents.vm.orphans import (
 )
 from agents.vm.postcopy import UffdPlacer
 from agents.vm.ramblock import RamBlock
+from agents.vm.spares import SparePool
 from agents.vm.workloads import parse_size, parse_workload
 
 HELLO_TIMEOUT = 30.0
@@ -76,14 +80,6 @@ __all__ = [
     "OrphanRecord",
     "find_orphans",
 ]
-
-
-def _set_buffers(s: socket.socket | trio.socket.SocketType) -> None:
-    for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):  # *BUFFORCE as root
-        try:
-            s.setsockopt(socket.SOL_SOCKET, force, ctl.SNDBUF)
-        except OSError:
-            s.setsockopt(socket.SOL_SOCKET, opt, ctl.SNDBUF)
 
 
 async def _recv_with_fds(sock: trio.socket.SocketType, what: str) -> tuple[bytes, list[int]]:
@@ -218,7 +214,7 @@ class Guest:
         self._arrived = trio.Event()
         self._eof = False
         self._fatal: dict[str, Any] | None = None
-        self._buf = bytearray(ctl.MAX_MESSAGE)
+        self._buf = ctl.receive_buffer()
         self._send_lock = trio.Lock()
         self._placer: UffdPlacer | None = None
         self.adopted = False  # taken over from another agent: not our child
@@ -234,12 +230,18 @@ class Guest:
 
     @classmethod
     async def start(
-        cls, spec: GuestSpec, *, state_dir: str | os.PathLike[str] | None = None
+        cls,
+        spec: GuestSpec,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        spares: SparePool | None = None,
     ) -> Guest:
         """A fresh guest: new RAM blocks, filled per spec, vCPUs running.
 
         With ``state_dir`` the guest outlives this agent (see the module
-        docstring); a live guest of the same name there is refused.
+        docstring); a live guest of the same name there is refused.  With
+        ``spares`` a ready spare process becomes the guest (spares.py), if
+        the pool has one; otherwise the process is started here.
         """
         spec.validate()
         paths = cls._claim_paths(spec, state_dir)
@@ -247,7 +249,7 @@ class Guest:
         try:
             await trio.to_thread.run_sync(cls._fill, spec, blocks)
             guest = cls(spec, blocks)
-            await guest._spawn("fresh", paths)
+            await guest._spawn("fresh", paths, spares)
         except BaseException:
             for b in blocks:
                 b.close()
@@ -262,12 +264,13 @@ class Guest:
         postcopy: bool = False,
         *,
         state_dir: str | os.PathLike[str] | None = None,
+        spares: SparePool | None = None,
     ) -> Guest:
         """A destination guest: RAM arrives later, vCPUs wait for ``cont``.
 
         ``blocks`` are the RamBlocks the agent made from CONFIG (made from the
         spec's layout if None); the Guest owns them from here on and closes
-        them in ``quit``.  ``state_dir`` as for ``start``.
+        them in ``quit``.  ``state_dir`` and ``spares`` as for ``start``.
         """
         spec.validate()
         paths = cls._claim_paths(spec, state_dir)
@@ -275,7 +278,7 @@ class Guest:
         blocks = cls._create_blocks(spec) if blocks is None else blocks
         guest = cls(spec, blocks)
         try:
-            await guest._spawn("postcopy" if postcopy else "incoming", paths)
+            await guest._spawn("postcopy" if postcopy else "incoming", paths, spares)
         except BaseException:
             if own:
                 for b in blocks:
@@ -322,10 +325,9 @@ class Guest:
             if parse_workload(spec.workload).kind == "counter":
                 b.array[:: b.page_size] = 0  # the counter check needs equal first bytes
 
-    async def _spawn(self, mode: str, paths: tuple[Path, Path] | None = None) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for s in (parent, child):
-            _set_buffers(s)
+    async def _spawn(
+        self, mode: str, paths: tuple[Path, Path] | None = None, spares: SparePool | None = None
+    ) -> None:
         if paths is not None:
             self.socket_path, self.record_path = paths
         config = {
@@ -338,26 +340,22 @@ class Guest:
                 for b in self.blocks
             ],
         }
-        try:
-            self.process = await trio.lowlevel.open_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "agents.vm.guest_main",
-                    "--ctl",
-                    str(child.fileno()),
-                    "--config",
-                    json.dumps(config),
-                ],
-                pass_fds=[child.fileno(), *(b.fd for b in self.blocks)],
-                stdin=subprocess.DEVNULL,
-                # A guest that outlives us must not get the signals a terminal sends our group.
-                start_new_session=paths is not None,
-            )
-        finally:
-            child.close()
+        spare = spares.take() if spares is not None else None
+        if spare is not None:
+            try:
+                await spare.become(config, [b.fd for b in self.blocks])
+            except BaseException as e:
+                with trio.CancelScope(shield=True):
+                    await spare.close()
+                if not isinstance(e, GuestGone):
+                    raise
+                spare = None  # it died waiting: start one here after all
+        if spare is not None:
+            self.process, self._sock = spare.process, spare.sock
+        else:
+            await self._spawn_cold(config, start_new_session=paths is not None)
+        assert self.process is not None
         self.pid = self.process.pid
-        self._sock = trio.socket.from_stdlib_socket(parent)
         try:
             with trio.fail_after(HELLO_TIMEOUT):
                 hello, fds = await self._recv_hello()
@@ -373,6 +371,34 @@ class Guest:
             for extra in fds[1:]:
                 os.close(extra)
         self.state = "running" if mode == "fresh" else "incoming"
+
+    async def _spawn_cold(self, config: dict[str, Any], *, start_new_session: bool) -> None:
+        """Start ``python -m agents.vm.guest_main`` for this guest (120–180 ms of imports)."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for s in (parent, child):
+            ctl.set_buffers(s)
+        try:
+            self.process = await trio.lowlevel.open_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "agents.vm.guest_main",
+                    "--ctl",
+                    str(child.fileno()),
+                    "--config",
+                    json.dumps(config),
+                ],
+                pass_fds=[child.fileno(), *(b.fd for b in self.blocks)],
+                stdin=subprocess.DEVNULL,
+                # A guest that outlives us must not get the signals a terminal sends our group.
+                start_new_session=start_new_session,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self._sock = trio.socket.from_stdlib_socket(parent)
 
     async def _recv_hello(self) -> tuple[dict[str, Any], list[int]]:
         assert self._sock is not None
@@ -412,7 +438,7 @@ class Guest:
         pending: list[int] = []
         blocks: list[RamBlock] = []
         try:
-            _set_buffers(sock)
+            ctl.set_buffers(sock)
             try:
                 await sock.connect(str(path))
             except (FileNotFoundError, ConnectionRefusedError) as e:

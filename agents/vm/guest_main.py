@@ -2,7 +2,10 @@
 
 Started by agents.vm.guest.Guest as ``python -m agents.vm.guest_main --ctl FD
 --config JSON`` with the memfds and one end of a SOCK_SEQPACKET socketpair
-passed by fd number.  Threads:
+passed by fd number — or ahead of need as ``--ctl FD --spare`` (spares.py),
+which imports everything, says ``spare`` and waits for the same config and
+the memfds on the socket, then carries on exactly as a cold start does
+(calling setsid(2) first if it is to outlive its agent).  Threads:
 
 - the control thread (main) answers commands; it never touches guest RAM,
   so it keeps answering while a vCPU sleeps on a missing page in postcopy;
@@ -66,6 +69,7 @@ from agents.vm.ramblock import HUGE_PAGE_SIZE, RamBlock
 from agents.vm.workloads import Mem, Workload, gather, make_workload, parse_workload, scatter
 
 EXIT_FATAL = 70
+SCM_MAX_FD = 253  # the kernel's limit on fds in one SCM_RIGHTS message
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -113,14 +117,6 @@ class Gate:
         with self.cond:
             self.run = True
             self.cond.notify_all()
-
-
-def set_buffers(s: socket.socket) -> None:
-    for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):  # *BUFFORCE as root
-        try:
-            s.setsockopt(socket.SOL_SOCKET, force, ctl.SNDBUF)
-        except OSError:
-            s.setsockopt(socket.SOL_SOCKET, opt, ctl.SNDBUF)
 
 
 def hung_up(s: socket.socket) -> bool:
@@ -279,7 +275,7 @@ class GuestProcess:
             return
         if self.sock is not None:
             self.detach("its socket hung up while another agent connected")
-        set_buffers(conn)
+        ctl.set_buffers(conn)
         conn.setblocking(True)
         fds = [b.fd for b in self.blocks]
         if self.postcopy_uffd is not None:
@@ -652,7 +648,7 @@ class GuestProcess:
         return self.control_loop()
 
     def control_loop(self) -> int:
-        buf = bytearray(ctl.MAX_MESSAGE)
+        buf = ctl.receive_buffer()
         while True:
             poll = select.poll()
             sock, listener = self.sock, self.listener
@@ -695,15 +691,54 @@ class GuestProcess:
                 )
 
 
+def receive_config(sock: socket.socket, max_fds: int) -> dict[str, Any] | None:
+    """Guest side of a spare: say it is ready, then wait for ``become``.
+
+    Returns the config with each block's ``fd`` set to the memfd received
+    for it, or None if the agent hung up first (the spare then exits).
+    """
+    sock.send(ctl.encode({"event": "spare", "pid": os.getpid()}))
+    data, ancdata, flags, _addr = sock.recvmsg(ctl.MAX_MESSAGE, socket.CMSG_SPACE(4 * max_fds))
+    fds: list[int] = []
+    for level, typ, payload in ancdata:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(np.frombuffer(payload[:usable], dtype=np.int32).tolist())
+    if not data:
+        return None
+    msg = ctl.decode(data)
+    if msg.get("cmd") != "become" or flags & socket.MSG_CTRUNC:
+        raise ValueError(f"spare: expected 'become' with its memfds, got {msg.get('cmd')!r}")
+    config: dict[str, Any] = msg["config"]
+    blocks = config["blocks"]
+    if len(fds) != len(blocks):
+        raise ValueError(f"spare: {len(blocks)} RAM blocks but {len(fds)} memfds received")
+    for b, fd in zip(blocks, fds, strict=True):
+        b["fd"] = fd
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="godwit-guest")
     p.add_argument("--ctl", type=int, required=True)
-    p.add_argument("--config", required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="the guest to be, as JSON (a cold start)")
+    where.add_argument(
+        "--spare", action="store_true", help="start ahead; the guest to be arrives on --ctl"
+    )
     args = p.parse_args(argv)
     sys.setswitchinterval(0.0002)  # the control thread must get the GIL back quickly
     sock = socket.socket(fileno=args.ctl)
-    config = json.loads(args.config)
     try:
+        if args.spare:
+            received = receive_config(sock, SCM_MAX_FD)
+            if received is None:
+                os._exit(0)  # the pool's owner went away before giving us a guest
+            config = received
+            if config.get("adopt"):
+                os.setsid()  # what a cold start's start_new_session does: no terminal signals
+        else:
+            config = json.loads(args.config)
         g = GuestProcess(config, sock)
     except Exception as e:
         data = ctl.encode({"event": "fatal", "reason": f"guest setup failed: {e}"})

@@ -33,6 +33,7 @@ from agents.mapped_ram import (
 from agents.migration import MigrationState
 from agents.vm.guest import Guest, GuestSpec
 from agents.vm.ramblock import free_huge_pages
+from agents.vm.spares import SparePool
 from agents.vm.verify import counter_check, ram_digest
 from protocol.mapped_ram import (
     HEADER_FIXED_SIZE,
@@ -318,6 +319,34 @@ async def test_lazy_restore_serves_faults_from_the_file(tmp_path: Path) -> None:
         assert restored.uffd is None  # postcopy ended: MISSING unregistered
         await check_counter_running(restored)
         assert digests_without_first_bytes(restored) == want
+    finally:
+        await restored.quit()
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+async def test_restore_into_a_spare_guest_process(tmp_path: Path, lazy: bool) -> None:
+    """A spare started ahead becomes the restored guest (no interpreter start on the way)."""
+    path = tmp_path / "vm.img"
+    async with running_guest(unique("sp")) as src:
+        await let_it_run(src)
+        await save_guest(src, path, live=False, multifd_channels=2)
+        want = digests_without_first_bytes(src)
+    state_dir = tmp_path / "state"
+    async with trio.open_nursery() as nursery:
+        pool = SparePool(1, refill_delay=3600)
+        await nursery.start(pool.run)
+        await pool.ready()
+        spare_pid = pool._spares[0].pid
+        name = unique("spr")
+        restored = await restore_guest(path, lazy=lazy, name=name, spares=pool, state_dir=state_dir)
+        nursery.cancel_scope.cancel()
+    try:
+        assert restored.pid == spare_pid
+        assert restored.socket_path == state_dir / "guests" / f"{name}.sock"
+        assert restored.socket_path.exists()  # it would outlive this agent
+        assert digests_without_first_bytes(restored) == want
+        await restored.cont()
+        await check_counter_running(restored)
     finally:
         await restored.quit()
 
