@@ -21,6 +21,7 @@ from protocol.frames import FrameDecoder
 from protocol.messages import Error, Message, decode_message
 
 from .migration import ChannelStats
+from .tls import WaitFn
 
 RECEIVE_CHUNK = 256 * 1024
 
@@ -83,15 +84,21 @@ class Channel:
         self.stats.last_frame = time.monotonic()
         return size
 
+    def _next_message(self) -> Message | None:
+        frame = self.decoder.next_frame()
+        if frame is None:
+            return None
+        self.stats.last_frame = time.monotonic()
+        message = decode_message(frame, channel=self.name)
+        if isinstance(message, Error):
+            raise PeerError(self.name, message)
+        return message
+
     async def receive(self) -> Message:
         """The next message; raises ChannelClosed at a clean EOF, ProtocolError on bad input."""
         while True:
-            frame = self.decoder.next_frame()
-            if frame is not None:
-                self.stats.last_frame = time.monotonic()
-                message = decode_message(frame, channel=self.name)
-                if isinstance(message, Error):
-                    raise PeerError(self.name, message)
+            message = self._next_message()
+            if message is not None:
                 return message
             if self._receive_into:
                 buffer = self.decoder.get_buffer(RECEIVE_CHUNK)
@@ -105,6 +112,35 @@ class Channel:
                     self._eof()
                 self.decoder.feed(data)
                 n = len(data)
+            self.stats.bytes_received += n
+
+    # -- from a thread that owns the channel (agents/threads.py) ----------------
+
+    def thread_send(self, message: Message, wait: WaitFn) -> int:
+        """:meth:`send` for the thread that owns this channel now; returns bytes sent."""
+        buffers = message.encode()
+        size = frame_size(buffers)
+        self.stream.thread_send_many(buffers, wait)
+        self.stats.bytes_sent += size
+        self.stats.last_frame = time.monotonic()
+        return size
+
+    def thread_receive(self, wait: WaitFn, *, block: bool = True) -> Message | None:
+        """:meth:`receive` for the owning thread; with ``block`` false, None as soon
+        as no whole message is left in what has arrived."""
+        while True:
+            message = self._next_message()
+            if message is not None:
+                return message
+            buffer = self.decoder.get_buffer(RECEIVE_CHUNK)
+            n = self.stream.thread_receive_into(buffer, wait, block=block)
+            if n is None:
+                self.decoder.buffer_updated(0)
+                return None
+            if n == 0:
+                self.decoder.buffer_updated(0)
+                self._eof()
+            self.decoder.buffer_updated(n)
             self.stats.bytes_received += n
 
     def _eof(self) -> None:

@@ -26,8 +26,10 @@ RESUME/RESUME_ACK, pending requests re-sent).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from functools import partial
+from select import POLLERR, POLLHUP
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -67,7 +69,9 @@ from .multifd import MultifdReceiver, offload_crypto
 from .postcopy import FaultService, Liveness, PausePostcopy, close_channels, watch_pause
 from .ram import PAGE_MESSAGES, BandwidthMeter, PageWriter, RamReceiver
 from .source import EXPECTED_ERRORS, PROGRESS_INTERVAL
+from .threads import READ, OwnedThread
 from .vm.devices import DeviceSection
+from .vm.errors import GuestGone
 
 if TYPE_CHECKING:
     from .daemon import Agent, GuestEntry
@@ -112,8 +116,11 @@ class IncomingMigration:
         self.recovery_started = trio.Event()
         self.background_placer: Any = None  # the worker thread's own (ioctl buffers)
         self.placing = trio.Lock()  # held while a worker thread places background pages
-        self.fault_scope = trio.CancelScope()
-        self.fault_task_done = trio.Event()
+        self.ram_lock = threading.Lock()
+        """Guards the received/requested bitmaps and the fault bookkeeping, which
+        the fault thread and the trio thread both update."""
+        self.fault_thread: OwnedThread | None = None
+        self.fault_thread_done = trio.Event()
         self.cancel_scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
         self.done = trio.Event()
@@ -256,8 +263,14 @@ class IncomingMigration:
     def _apply(self, msg: Any, *, stored: bool = False) -> None:
         """Apply a page-carrying message (precopy writes, postcopy placement)."""
         assert self.ram is not None
+        with self.ram_lock:
+            count = self.ram.apply(msg, stored=stored)
+        self._account(msg, count)
+
+    def _account(self, msg: Any, count: int) -> None:
+        """Statistics, progress and test hooks for pages applied (trio thread)."""
+        assert self.ram is not None
         ram, stats = self.ram, self.state.ram
-        count = ram.apply(msg, stored=stored)
         if isinstance(msg, (Pages, PageBatch)):
             stats.normal += count
             stats.transferred += count * stats.page_size
@@ -273,6 +286,8 @@ class IncomingMigration:
         if drop is not None and ram.placer is None and ram.received[drop[0]].test(drop[1]):
             ram.blocks[drop[0]].discard(drop[1], 1)  # lost, yet marked received
             del self.agent.test_hooks["drop-page"]
+        if self.complete_seen and not self.postcopy_done.is_set() and ram.missing() == 0:
+            self.postcopy_done.set()
 
     def _progress(self) -> None:
         """Receive rate, what is still missing, and a progress event a few times a second."""
@@ -387,29 +402,78 @@ class IncomingMigration:
             with trio.fail_after(CHANNEL_TIMEOUT):
                 await self.preempt_attached.wait()
         placer = self._guest().placer()
-        self.faults = FaultService(placer, self.ram.received, st.postcopy)
+        # Each thread places with its own placer (ioctl buffers are per placer).
+        self.faults = FaultService(placer.sibling(), self.ram.received, st.postcopy)
         self.ram.placer = placer
         self.background_placer = placer.sibling()
         self.ram.on_arrival = self._arrived
-        self.nursery.start_soon(self._fault_task)
 
-    async def _fault_task(self) -> None:
-        assert self.faults is not None
+    def _fault_thread(self, thread: OwnedThread) -> None:
+        """QEMU's fault thread and preempt thread in one, for one postcopy round.
+
+        Reads the guest's faults off the uffd and sends the requests on the
+        return path itself, and places the pages arriving on preempt itself:
+        a request's round trip never waits for the trio thread, which is busy
+        with the background stream.  It owns the return path's sending and
+        preempt's receiving until it stops; the trio side's PINGs and PONGs go
+        through it (``_ret_send``).  Bitmaps are shared with the trio thread
+        under ``ram_lock``; statistics go back with ``call_soon``.
+        """
+        assert self.faults is not None and self.ram is not None and self.ret is not None
+        faults, ram, ret, preempt = self.faults, self.ram, self.ret, self.preempt
+        placer = faults.placer
+        uffd = placer.fileno()
+        watch = [(uffd, READ)]
+        if preempt is not None:
+            watch.append((preempt.stream.socket.fileno(), READ))
+        while not thread.should_stop():
+            while preempt is not None:
+                msg = preempt.thread_receive(thread.wait, block=False)
+                if msg is None:
+                    break
+                if not isinstance(msg, PAGE_MESSAGES):
+                    raise ProtocolError(
+                        f"unexpected {type(msg).__name__} on preempt", channel=preempt.name
+                    )
+                if not ram.sealed:
+                    ram.store(msg, placer)  # UFFDIO_COPY: the vCPU runs again from here
+                with self.ram_lock:
+                    count = ram.apply(msg, stored=True)
+                thread.call_soon(self._account, msg, count)
+            ready = thread.wait_any(watch)
+            if ready.get(uffd, 0) & (POLLERR | POLLHUP):
+                raise GuestGone("the guest's userfaultfd hung up: the guest process is gone")
+            if uffd in ready:
+                with self.ram_lock:
+                    requests = faults.take_faults(placer.read_faults())
+                for request in requests:
+                    ret.thread_send(request, thread.wait)
+
+    async def _run_fault_thread(self, thread: OwnedThread, done: trio.Event) -> None:
         try:
-            with self.fault_scope:
-                await self.faults.run(self._request)
+            await thread.run(self._fault_thread, thread)
         finally:
-            self.fault_task_done.set()
+            done.set()
 
-    async def _stop_fault_service(self) -> None:
-        """Cancel the fault task and wait for it, so the uffd can be closed safely."""
-        self.fault_scope.cancel()
-        if self.faults is not None:
-            await self.fault_task_done.wait()
+    async def _stop_fault_thread(self) -> None:
+        """Stop this round's fault thread between messages and wait for it."""
+        if self.fault_thread is not None:
+            self.fault_thread.stop()
+            await self.fault_thread_done.wait()
+            self.fault_thread = None
+
+    async def _ret_send(self, msg: Any) -> None:
+        """Send on the return path: through the fault thread while it owns it."""
+        assert self.ret is not None
+        thread, ret = self.fault_thread, self.ret
+        if thread is not None and thread.running:
+            thread.post(partial(ret.thread_send, msg, thread.wait))
+            await trio.lowlevel.checkpoint()
+        else:
+            await ret.send(msg)
 
     async def _ping(self, ping: Ping) -> None:
-        assert self.ret is not None
-        await self.ret.send(ping)
+        await self._ret_send(ping)
 
     async def _request(self, req: ReqPages) -> None:
         if self.ret is None or self.ret.closed:
@@ -417,10 +481,9 @@ class IncomingMigration:
         await self.ret.send(req)
 
     def _arrived(self, block: int, pages: Any) -> None:
-        assert self.faults is not None and self.ram is not None
+        """RamReceiver.on_arrival, called under ``ram_lock`` from either thread."""
+        assert self.faults is not None
         self.faults.arrived(block, pages)
-        if self.complete_seen and not self.postcopy_done.is_set() and self.ram.missing() == 0:
-            self.postcopy_done.set()
 
     async def _run_guest(self) -> None:
         """POSTCOPY_RUN: the guest runs here from now on, with pages still missing."""
@@ -451,11 +514,12 @@ class IncomingMigration:
         pause and a recovery that ends here again, never to a dead migration.
         """
         assert self.ram is not None and self.ret is not None
-        self.ram.sealed = True  # before any await: the readers still run until SHUT is out
+        with self.ram_lock:
+            self.ram.sealed = True  # before any await: the readers still run until SHUT is out
         async with self.placing:  # no placement in flight when the uffd goes
             pass
+        await self._stop_fault_thread()
         if self.ram.placer is not None:
-            await self._stop_fault_service()
             await self._guest().postcopy_end()
             self.ram.placer = None
         if self.ram.late_duplicates:
@@ -472,10 +536,11 @@ class IncomingMigration:
         # The background stream's crypto and placement run in worker threads, so
         # the trio thread is free for faults, requests and preempt pages.
         offload_crypto(self.main)
+        self.fault_thread = OwnedThread("postcopy/fault", realtime=True)
+        self.fault_thread_done = trio.Event()
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run_fault_thread, self.fault_thread, self.fault_thread_done)
             nursery.start_soon(self._postcopy_reader, self.main)
-            if self.preempt is not None:
-                nursery.start_soon(self._postcopy_reader, self.preempt)
             nursery.start_soon(self.liveness.run, self._ping)
             nursery.start_soon(watch_pause, self.pause_requested)
             if self.complete_seen and self.ram.missing() == 0:
@@ -483,6 +548,7 @@ class IncomingMigration:
             await self.postcopy_done.wait()
             await self._finish_postcopy()
             nursery.cancel_scope.cancel()
+        self.fault_thread = None
 
     async def _postcopy_reader(self, channel: Channel) -> None:
         assert self.ram is not None
@@ -496,8 +562,7 @@ class IncomingMigration:
             elif isinstance(msg, PAGE_MESSAGES):
                 self._apply(msg)
             elif isinstance(msg, Ping):
-                assert self.ret is not None
-                await self.ret.send(Pong(msg.seq, msg.sent_ns))
+                await self._ret_send(Pong(msg.seq, msg.sent_ns))
             elif isinstance(msg, Pong):
                 self.liveness.pong()
             elif isinstance(msg, Complete):
@@ -521,8 +586,6 @@ class IncomingMigration:
         st = self.state
         log.warning("postcopy of %s paused: %s", st.guest, reason)
         st.error_desc = f"paused: {reason}"
-        if self.faults is not None:
-            self.faults.link_down.set()
         await self._close_channels()
         self.pause_requested = trio.Event()
         self.recover_armed = False

@@ -103,11 +103,15 @@ def discard_messages(block_index: int, pages: np.ndarray) -> list[Discard]:
 
 
 class FaultService:
-    """The destination's side of postcopy page requests.
+    """The destination's bookkeeping of postcopy page requests.
 
-    ``request`` is how a REQ_PAGES reaches the source (the return path); it
-    may fail while the link is down — the page then stays pending and is
-    asked for again by :meth:`resend_pending` after recovery.
+    Used by the fault thread (faults read, requests made, preempt pages
+    placed) and by the trio thread (background pages from main), always
+    under the caller's lock: ``received``, ``requested`` and ``pending`` are
+    one state.  A request is recorded as pending *before* it is sent, so one
+    lost with a broken link is asked again by :meth:`resend_pending` after
+    recovery; faults that happen while the link is down wait in the uffd
+    until the next fault thread reads them.
     """
 
     def __init__(self, placer: Any, received: list[PageBitmap], stats: PostcopyStats) -> None:
@@ -122,27 +126,21 @@ class FaultService:
         self._blocked_since: int | None = None
         self.faults = 0
         self.local_zero = 0
-        self.link_down = trio.Event()
 
     # -- faults ----------------------------------------------------------------
 
-    async def run(self, request: Callable[[ReqPages], Awaitable[Any]]) -> None:
-        """Serve the guest's faults until cancelled."""
-        fd = self.placer.fileno()
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            faults = self.placer.read_faults()
-            if len(faults):
-                await self.handle_faults(faults, request)
+    def take_faults(self, faults: np.ndarray) -> list[ReqPages]:
+        """The requests a batch of faults needs: one per page not already asked for.
 
-    async def handle_faults(
-        self, faults: np.ndarray, request: Callable[[ReqPages], Awaitable[Any]]
-    ) -> None:
+        A page received as zero in precopy and never written is a hole in the
+        memfd: it is resolved here with UFFDIO_ZEROPAGE, never asked for.
+        """
         now = time.monotonic_ns()
-        for block, page in np.unique(faults, axis=0).tolist():
+        requests = []
+        # A handful of faults per read: plain Python beats numpy's set-up here.
+        for block, page in dict.fromkeys(map(tuple, faults.tolist())):
             self.faults += 1
             if self.received[block].test(page):
-                # Received as zero in precopy and never written: a hole. Resolve here.
                 self.placer.zeropage(block, page, 1)
                 self.local_zero += 1
                 continue
@@ -154,16 +152,11 @@ class FaultService:
             self.requested[block].set_range(page, 1)
             if self._blocked_since is None:
                 self._blocked_since = now
-            if not self.link_down.is_set():
-                try:
-                    await request(ReqPages(block, page, 1, request_id, now))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    log.info("page request not sent (%s); it stays pending until recovery", exc)
-                    self.link_down.set()
+            requests.append(ReqPages(block, page, 1, request_id, now))
+        return requests
 
     async def resend_pending(self, request: Callable[[ReqPages], Awaitable[Any]]) -> int:
         """After recovery: ask again for every page still missing."""
-        self.link_down = trio.Event()
         count = 0
         for (block, page), (request_id, fault_ns) in list(self.pending.items()):
             if self.received[block].test(page):
@@ -176,21 +169,26 @@ class FaultService:
 
     def arrived(self, block: int, pages: np.ndarray) -> None:
         """Pages of ``block`` are now in place: settle the requests they answer."""
-        requested = self.requested[block]
         if not self.pending:
             return
-        hits = pages[requested.test_indices(pages)]
-        if len(hits) == 0:
-            return
-        requested.clear_indices(hits)
+        requested = self.requested[block]
+        if len(pages) == 1:  # a requested page: skip numpy's set-up
+            page = int(pages[0])
+            if not requested.test(page):
+                return
+            requested.clear_range(page, 1)
+            hits = [page]
+        else:
+            found = pages[requested.test_indices(pages)]
+            if len(found) == 0:
+                return
+            requested.clear_indices(found)
+            hits = found.tolist()
         now = time.monotonic_ns()
-        latencies = []
-        for page in hits.tolist():
-            entry = self.pending.pop((block, int(page)), None)
+        for page in hits:
+            entry = self.pending.pop((block, page), None)
             if entry is not None:
-                latencies.append(now - entry[1])
-        if latencies:
-            self.stats.record_latencies(np.array(latencies, dtype=np.int64))
+                self.stats.record_latency(now - entry[1])
         if not self.pending and self._blocked_since is not None:
             blocked_ms = (now - self._blocked_since) / 1e6
             self.stats.blocktime_ms += blocked_ms

@@ -54,6 +54,16 @@ MAX_RUNS_PER_BATCH = 4
 
 SendFn = Callable[[Any], Awaitable[int]]
 
+_ZERO_PAGES: dict[int, bytes] = {}
+
+
+def _zero_page(size: int) -> bytes:
+    """A page of zeros to compare one page with (a memcmp: 10x numpy's set-up for one page)."""
+    page = _ZERO_PAGES.get(size)
+    if page is None:
+        page = _ZERO_PAGES[size] = bytes(size)
+    return page
+
 
 class RateLimiter:
     """A token bucket for ``max-bandwidth`` (bytes/s; 0 means unlimited)."""
@@ -227,31 +237,66 @@ class RamSender:
                 cursor = bitmap.next_set(end) if end < bitmap.npages else None
         return done
 
+    def take_request(
+        self, block_index: int, first: int, count: int, request_id: int
+    ) -> tuple[np.ndarray, list[Any]]:
+        """A page request's pages and the frames that answer it (taken off ``to_send``).
+
+        Safe in the source's return-path thread while the trio thread streams
+        the background: both only *clear* bits of ``to_send`` and send what
+        they cleared, so a race can cost a page sent twice (the destination
+        drops the second copy), never a page not sent.
+        """
+        block = self.blocks[block_index] if 0 <= block_index < len(self.blocks) else None
+        if block is None or first < 0 or count <= 0 or first + count > block.npages:
+            where = f"RAM block {block.name} ({block.npages} pages)" if block else "any RAM block"
+            raise ValueError(f"page request {block_index}:{first}+{count} outside {where}")
+        self.to_send[block_index].clear_range(first, count)
+        pages = np.arange(first, first + count, dtype=np.uint64)
+        return pages, self.batch_messages(block_index, pages, request_id)
+
+    def account_request(
+        self, block_index: int, pages: np.ndarray, messages: list[Any], nbytes: int
+    ) -> None:
+        """Statistics and bitmaps for a request served (on the trio thread)."""
+        self.stats.postcopy_requests += 1
+        self.account(block_index, pages, messages, nbytes, "postcopy")
+        self.update_remaining()
+
     async def send_requested(
         self, send: SendFn, block_index: int, first: int, count: int, request_id: int
     ) -> int:
-        """Serve a page request at once (on preempt when it exists)."""
-        block = self.blocks[block_index]
-        if first < 0 or count <= 0 or first + count > block.npages:
-            raise ValueError(
-                f"page request {first}+{count} outside RAM block {block.name} ({block.npages} pages)"
-            )
-        self.to_send[block_index].clear_range(first, count)
-        pages = np.arange(first, first + count, dtype=np.uint64)
-        self.stats.postcopy_requests += 1
-        nbytes = await self.send_batch(send, block_index, pages, "postcopy", request_id)
-        self.update_remaining()
+        """Serve a page request on the trio thread (main, when there is no preempt)."""
+        pages, messages = self.take_request(block_index, first, count, request_id)
+        nbytes = 0
+        for message in messages:
+            nbytes += await send(message)
+        self.account_request(block_index, pages, messages, nbytes)
         return nbytes
 
     async def send_batch(
         self, send: SendFn, block_index: int, batch: np.ndarray, phase: str, request_id: int = 0
     ) -> int:
         """Send one batch of page indices of one block; returns bytes on the wire."""
+        messages = self.batch_messages(block_index, batch, request_id)
+        nbytes = 0
+        for message in messages:
+            nbytes += await send(message)
+        self.account(block_index, batch, messages, nbytes, phase)
+        return nbytes
+
+    def batch_messages(self, block_index: int, batch: np.ndarray, request_id: int = 0) -> list[Any]:
+        """The frames for one batch of page indices of one block (page data by reference)."""
         block = self.blocks[block_index]
         ps = block.page_size
         first, last = int(batch[0]), int(batch[-1])
         contiguous = last - first + 1 == len(batch)
-        nbytes = 0
+        out: list[Any] = []
+        if len(batch) == 1:  # a page request: no run analysis
+            page = block.pages(first, 1)
+            if self.detect_zero and page == _zero_page(ps):
+                return [Zero(block_index, first, 1)]
+            return [Pages(block_index, first, 1, page, request_id)]
         view = block.pages(first, len(batch)) if contiguous else None
         if view is not None:
             mask = (
@@ -262,42 +307,48 @@ class RamSender:
             # Few runs: send them straight from guest RAM, no copy.
             for start, length, is_zero in runs:
                 if is_zero:
-                    nbytes += await send(Zero(block_index, first + start, length))
-                    self.stats.duplicate += length
+                    out.append(Zero(block_index, first + start, length))
                 else:
                     data = view[start * ps : (start + length) * ps]
-                    nbytes += await send(
-                        Pages(block_index, first + start, length, data, request_id)
-                    )
-                    self.stats.normal += length
-        else:
-            # Scattered pages, or zero and data pages interleaved: the data pages go
-            # gathered (one numpy take, one copy) in a PAGE_BATCH, the zero ones as
-            # a ZERO_BATCH.  When the mask is known from the guest-RAM view, only the
-            # data pages are gathered; otherwise everything is gathered to find them,
-            # and copied again only if some of them turned out to be zero.
-            pages_of = block.array.reshape(-1, ps)
-            gathered = None
-            if view is None:
-                gathered = pages_of[batch.astype(np.intp)]
-                mask = (
-                    zero_page_mask(_bytes(gathered), ps)
-                    if self.detect_zero
-                    else np.zeros(len(batch), bool)
-                )
-            if mask.any():
-                nbytes += await send(ZeroBatch(block_index, batch[mask]))
-                self.stats.duplicate += int(mask.sum())
-            if not mask.all():
-                keep = ~mask
-                if gathered is None:
-                    payload = pages_of[batch[keep].astype(np.intp)]
-                elif mask.any():
-                    payload = gathered[keep]
-                else:
-                    payload = gathered
-                nbytes += await send(PageBatch(block_index, batch[keep], _bytes(payload)))
-                self.stats.normal += int(keep.sum())
+                    out.append(Pages(block_index, first + start, length, data, request_id))
+            return out
+        # Scattered pages, or zero and data pages interleaved: the data pages go
+        # gathered (one numpy take, one copy) in a PAGE_BATCH, the zero ones as
+        # a ZERO_BATCH.  When the mask is known from the guest-RAM view, only the
+        # data pages are gathered; otherwise everything is gathered to find them,
+        # and copied again only if some of them turned out to be zero.
+        pages_of = block.array.reshape(-1, ps)
+        gathered = None
+        if view is None:
+            gathered = pages_of[batch.astype(np.intp)]
+            mask = (
+                zero_page_mask(_bytes(gathered), ps)
+                if self.detect_zero
+                else np.zeros(len(batch), bool)
+            )
+        if mask.any():
+            out.append(ZeroBatch(block_index, batch[mask]))
+        if not mask.all():
+            keep = ~mask
+            if gathered is None:
+                payload = pages_of[batch[keep].astype(np.intp)]
+            elif mask.any():
+                payload = gathered[keep]
+            else:
+                payload = gathered
+            out.append(PageBatch(block_index, batch[keep], _bytes(payload)))
+        return out
+
+    def account(
+        self, block_index: int, batch: np.ndarray, messages: list[Any], nbytes: int, phase: str
+    ) -> None:
+        """Count a sent batch: pages by kind, bytes by phase, and ``sent_once``."""
+        for message in messages:
+            count = message.count if isinstance(message, (Pages, Zero)) else len(message.pages)
+            if isinstance(message, (Zero, ZeroBatch)):
+                self.stats.duplicate += count
+            else:
+                self.stats.normal += count
         self.sent_once[block_index].set_indices(batch)
         self.stats.transferred += nbytes
         if phase == "precopy":
@@ -306,7 +357,6 @@ class RamSender:
             self.stats.downtime_bytes += nbytes
         else:
             self.stats.postcopy_bytes += nbytes
-        return nbytes
 
 
 def _place(placer: Any, msg: Any, pages: np.ndarray, page_size: int) -> None:

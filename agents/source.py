@@ -75,6 +75,7 @@ from .migration import MigrationState, first_error
 from .multifd import MultifdSender, offload_crypto
 from .postcopy import Liveness, PausePostcopy, close_channels, discard_messages, watch_pause
 from .ram import BandwidthMeter, RamSender
+from .threads import OwnedThread
 from .transport import open_channel
 
 if TYPE_CHECKING:
@@ -450,11 +451,13 @@ class OutgoingMigration:
 
     async def _postcopy_round(self) -> None:
         assert self.ram is not None and self.main is not None
-        offload_crypto(self.main)  # background crypto off the thread that serves requests
+        offload_crypto(self.main)  # background crypto off the trio thread
         self.liveness = Liveness(int(self.parameters.get("keepalive-ms", 2000)), "destination")
+        return_path = OwnedThread("postcopy/return", realtime=True)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._postcopy_return_path, self._requests_in)
-            nursery.start_soon(self._serve_requests, self._requests)
+            nursery.start_soon(return_path.run, self._return_path_thread, return_path, nursery)
+            if self.preempt is None:
+                nursery.start_soon(self._serve_requests, self._requests)
             nursery.start_soon(self.liveness.run, self._send)
             nursery.start_soon(watch_pause, self.pause_requested)
             if self.ram.pending_pages():
@@ -484,25 +487,44 @@ class OutgoingMigration:
                 channel.send, req.block, req.first_page, req.count, req.request_id
             )
 
-    async def _postcopy_return_path(self, requests: trio.MemorySendChannel[ReqPages]) -> None:
-        assert self.ret is not None
-        while True:
-            msg = await self.ret.receive()
+    def _return_path_thread(self, thread: OwnedThread, nursery: trio.Nursery) -> None:
+        """QEMU's return-path thread: read the destination's messages and, with a
+        preempt channel, answer page requests right here — the page leaves while
+        the trio thread is still busy with the background stream.
+
+        Runs in ``thread``; everything else it learns goes to the trio thread
+        with ``run_sync_soon``.  Without preempt, requests are queued for
+        ``_serve_requests``, which sends them on main between background pieces.
+        """
+        assert self.ret is not None and self.ram is not None
+        ret, preempt, ram = self.ret, self.preempt, self.ram
+        while not thread.should_stop():
+            msg = ret.thread_receive(thread.wait)
             if isinstance(msg, ReqPages):
-                await requests.send(msg)
+                if preempt is None:
+                    trio.from_thread.run(self._requests_in.send, msg, trio_token=thread.token)
+                    continue
+                pages, messages = ram.take_request(
+                    msg.block, msg.first_page, msg.count, msg.request_id
+                )
+                nbytes = sum(preempt.thread_send(m, thread.wait) for m in messages)
+                thread.call_soon(ram.account_request, msg.block, pages, messages, nbytes)
             elif isinstance(msg, Pong):
-                self.liveness.pong()
+                thread.call_soon(self.liveness.pong)
             elif isinstance(msg, Ping):
-                await self._send(Pong(msg.seq, msg.sent_ns))
+                thread.call_soon(nursery.start_soon, self._send, Pong(msg.seq, msg.sent_ns))
             elif isinstance(msg, Shut):
-                self.shut_reason = msg.reason
-                self.shut_received.set()
+                thread.call_soon(self._shut, msg.reason)
                 return
             else:
                 raise ProtocolError(
                     f"unexpected {type(msg).__name__} on the return path in postcopy",
                     channel="return",
                 )
+
+    def _shut(self, reason: str) -> None:
+        self.shut_reason = reason
+        self.shut_received.set()
 
     async def _close_channels(self) -> None:
         await close_channels(self.main, self.ret, self.preempt)

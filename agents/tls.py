@@ -76,9 +76,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import select
 import socket as stdlib_socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -599,6 +601,44 @@ class TLSStream(trio.abc.Stream):
         del buf[n:]
         return buf
 
+    # -- from a thread that owns the stream (agents/threads.py) ----------------
+
+    def thread_send_many(self, buffers: Sequence[Buffer], wait: WaitFn) -> None:
+        """:meth:`send_many` for the thread that owns this stream: blocks in ``wait``."""
+        with self._send_guard:
+            self._check_send()
+            pieces, total = _plaintext_pieces(buffers)
+            for piece in pieces:
+                self._encrypt(piece)
+            data = memoryview(self._out.read())
+            self._send_broken = True
+            _write_all(self._sock.fileno(), data, wait, self._broken)
+            self._send_broken = False
+            self.wire_bytes_sent += len(data)
+            self.bytes_sent += total
+
+    def thread_receive_into(self, view: memoryview, wait: WaitFn, *, block: bool) -> int | None:
+        """:meth:`receive_into` for the owning thread; None when nothing has
+        arrived and ``block`` is false."""
+        with self._recv_guard:
+            if self._closed:
+                raise trio.ClosedResourceError("this TLS stream was closed")
+            while True:
+                n = 0 if self._eof else self._decrypt_into(view)
+                if n or self._eof:
+                    self.bytes_received += n
+                    return n
+                got = _read_some(
+                    self._sock.fileno(), self._rview, wait if block else None, self._broken
+                )
+                if got is None:
+                    return None
+                if got:
+                    self._in.write(self._rview[:got])
+                    self.wire_bytes_received += got
+                else:
+                    self._in.write_eof()
+
     # -- closing ---------------------------------------------------------------
 
     async def aclose(self) -> None:
@@ -656,6 +696,40 @@ def _plaintext_pieces(buffers: Sequence[Buffer]) -> tuple[list[Buffer], int]:
     if head:
         pieces.append(head)
     return pieces, total
+
+
+WaitFn = Callable[[int, int], None]
+"""``OwnedThread.wait``: block until the fd is ready for the poll events."""
+
+
+def _write_all(
+    fd: int, data: memoryview, wait: WaitFn, broken: Callable[[OSError], Exception]
+) -> None:
+    while data:
+        try:
+            n = os.write(fd, data)
+        except BlockingIOError:
+            wait(fd, select.POLLOUT)
+            continue
+        except OSError as exc:
+            raise broken(exc) from exc
+        data = data[n:]
+
+
+def _read_some(
+    fd: int, buffer: memoryview, wait: WaitFn | None, broken: Callable[[OSError], Exception]
+) -> int | None:
+    """One read into ``buffer``: bytes read (0 at EOF), or None if it would block
+    and ``wait`` is None."""
+    while True:
+        try:
+            return os.readv(fd, [buffer])
+        except BlockingIOError:
+            if wait is None:
+                return None
+            wait(fd, select.POLLIN)
+        except OSError as exc:
+            raise broken(exc) from exc
 
 
 # ---------------------------------------------------------------- plaintext
@@ -758,6 +832,24 @@ class PlainStream(trio.abc.Stream):
         n = await self.receive_into(buf)
         del buf[n:]
         return buf
+
+    def thread_send_many(self, buffers: Sequence[Buffer], wait: WaitFn) -> None:
+        with self._send_guard:
+            if self._closed:
+                raise trio.ClosedResourceError("this stream was closed")
+            for buf in buffers:
+                view = memoryview(buf).cast("B")
+                _write_all(self._sock.fileno(), view, wait, self._error)
+                self.bytes_sent += len(view)
+
+    def thread_receive_into(self, view: memoryview, wait: WaitFn, *, block: bool) -> int | None:
+        with self._recv_guard:
+            if self._closed:
+                raise trio.ClosedResourceError("this stream was closed")
+            n = _read_some(self._sock.fileno(), view, wait if block else None, self._error)
+            if n:
+                self.bytes_received += n
+            return n
 
     async def aclose(self) -> None:
         self._closed = True
