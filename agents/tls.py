@@ -17,14 +17,20 @@ itself and amortises the loop over large chunks:
   frame header into the same TLS record as the start of its payload (one
   copy of at most 16 KiB) instead of joining header and payload in Python.
 
-Everything runs on the trio thread: there are no worker threads, so
-cancellation is plain trio cancellation, nothing outlives its task, and a
-cancelled ``receive_*`` leaves the stream intact (bytes are only taken from
+Everything runs on the trio thread, so cancellation is plain trio
+cancellation, nothing outlives its task, and a cancelled ``receive_*``
+leaves the stream intact (bytes are only taken from
 the socket when trio says it is readable, and go straight into the BIO). A
 cancelled *send* may have put part of a record on the wire; the stream then
 refuses further sends (``trio.BrokenResourceError``), as trio's own do.
 OpenSSL releases the GIL while it encrypts, so other threads of the agent
 (pwrite, mapped-ram writers) still run during crypto.
+
+Two exceptions, both threads owned by a task: ``offload_crypto`` hands the
+crypto of large frames to ``trio.to_thread`` (multifd, postcopy's background
+stream), and during postcopy a request-path thread (agents/threads.py) takes
+a stream over whole and uses the blocking ``thread_*`` methods — the same
+SSL object and buffers, one owner at a time, the guards refusing a second.
 
 Post-handshake messages: servers send no session tickets (``num_tickets=0``)
 and OpenSSL never starts a KeyUpdate by itself, so a receiver never has to
