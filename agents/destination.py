@@ -63,7 +63,7 @@ from protocol.messages import (
 from protocol.states import MigrationStatus, Role, is_terminal
 
 from . import savevm
-from .channel import Channel
+from .channel import Channel, ChannelClosed
 from .migration import MigrationState, first_error
 from .multifd import MultifdReceiver, offload_crypto
 from .postcopy import FaultService, Liveness, PausePostcopy, close_channels, watch_pause
@@ -84,6 +84,7 @@ CONFIG_TIMEOUT = 30.0
 CHANNEL_TIMEOUT = 30.0
 RECOVER_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 60.0
+SHUT_LINGER = 2.0
 
 
 class IncomingMigration:
@@ -110,6 +111,8 @@ class IncomingMigration:
         self.guest_running = False
         self.faults: FaultService | None = None
         self.complete_seen = False
+        self.shut_sent = False
+        self.source_closed = trio.Event()
         self.postcopy_done = trio.Event()
         self.pause_requested = trio.Event()
         self.recover_armed = False
@@ -500,6 +503,9 @@ class IncomingMigration:
                 break
             except Exception as exc:
                 leaf = first_error(exc)
+                if self.shut_sent:  # every page is here and the source knows: done
+                    log.info("postcopy of %s: %s after SHUT, ignored", st.guest, leaf)
+                    break
                 if not isinstance(leaf, (*EXPECTED_ERRORS, PausePostcopy)):
                     log.error("postcopy of %s: unexpected error, pausing", st.guest, exc_info=leaf)
                 await self._pause(str(leaf) or leaf.__class__.__name__)
@@ -528,6 +534,7 @@ class IncomingMigration:
         if delay:
             await trio.sleep(delay)
         await self.ret.send(Shut("completed"))
+        self.shut_sent = True
 
     async def _postcopy_round(self) -> None:
         assert self.main is not None and self.ram is not None
@@ -547,6 +554,10 @@ class IncomingMigration:
                 self.postcopy_done.set()
             await self.postcopy_done.wait()
             await self._finish_postcopy()
+            # Let the source close first, as it does on SHUT: closing at once can
+            # reset the link under a PING the source is still sending.
+            with trio.move_on_after(SHUT_LINGER):
+                await self.source_closed.wait()
             nursery.cancel_scope.cancel()
         self.fault_thread = None
 
@@ -554,7 +565,13 @@ class IncomingMigration:
         assert self.ram is not None
         background = channel is self.main
         while True:
-            msg = await channel.receive()
+            try:
+                msg = await channel.receive()
+            except ChannelClosed:
+                if not self.shut_sent:
+                    raise
+                self.source_closed.set()
+                return
             if isinstance(msg, PAGE_MESSAGES) and background and not self.ram.sealed:
                 async with self.placing:
                     await trio.to_thread.run_sync(self.ram.store, msg, self.background_placer)
