@@ -378,6 +378,37 @@ async def test_cancelled_live_save_leaves_guest_running_and_file_unusable(tmp_pa
     assert "completed" not in seen
 
 
+async def test_cancel_reaches_the_writer_threads_mid_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while its writer threads are busy: the save returns only once they have
+    stopped (the file no longer changes), the guest it stopped runs again, the file is refused."""
+    import agents.mapped_ram
+
+    monkeypatch.setattr(agents.mapped_ram, "DELIVER_INTERVAL", 0.0)  # progress after every job
+    path = tmp_path / "vm.img"
+    state, _seen = recorder()
+    async with running_guest(unique("cw"), workload="idle", fill="random", ram="256M") as src:
+        with trio.CancelScope() as scope:
+
+            async def cancel_once_pages_move() -> None:
+                while state.ram.transferred == 0:
+                    await trio.sleep(0.001)
+                scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_once_pages_move)
+                await save_guest(src, path, live=False, multifd_channels=1, state=state)
+        assert scope.cancelled_caught
+        assert 0 < state.ram.transferred < 256 << 20  # stopped part-way through the pass
+        written = os.stat(path).st_blocks
+        await trio.sleep(0.2)
+        assert os.stat(path).st_blocks == written  # no writer thread outlived the save
+        assert src.state == "running"
+    with pytest.raises(MappedRamError, match=r"at byte 12: COMPLETE flag is clear"):
+        read_saved_file(path)
+
+
 @pytest.mark.skipif(free_huge_pages() < 64, reason="needs 64 free 2 MiB huge pages reserved")
 async def test_hugetlb_round_trip_eager_and_lazy(tmp_path: Path) -> None:
     path = tmp_path / "vm.img"
