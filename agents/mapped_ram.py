@@ -35,7 +35,10 @@ of present pages into page-aligned buffers and pwrite them into fresh
 memfds while the guest process starts (the two overlap); then devices are
 loaded and the vCPUs run.  pread into the buffer + pwrite into the memfd
 measured 2.1–2.4 GB/s against 0.3–0.9 GB/s for preadv straight into the
-mapping (page faults on shmem) and about the same as sendfile(2).  Lazy:
+mapping (page faults on shmem) and about the same as sendfile(2).  With
+direct-io it is the other way round: the disk DMAs straight into the
+agent's mapping of the memfd, one copy fewer (4 GiB from ext4, uncached:
+0.68 against 0.55 GB/s with one reader, 1.04 against 0.85 with two).  Lazy:
 the guest starts with its RAM registered MISSING, devices are loaded and
 the vCPUs run at once; a fault task reads the window of pages around each
 fault from the file and places it with UFFDIO_COPY (absent pages as
@@ -768,6 +771,7 @@ class _Reader:
         self.placed = [np.zeros(b.npages, dtype=bool) for b in blocks]
         self.fd = os.open(saved.path, os.O_RDONLY | os.O_CLOEXEC)
         self.rfd = open_direct(saved.path, os.O_RDONLY) if direct_io else self.fd
+        self.direct_io = direct_io
         self.bufs: dict[int, mmap.mmap] = {}
         self.placers: dict[int, UffdPlacer] = {}
 
@@ -814,7 +818,13 @@ class _Reader:
         return buf
 
     def eager_job(self, job: Job) -> tuple[int, int]:
-        """pread the chunk's present runs and pwrite them into the memfd: (pages, bytes)."""
+        """Read the chunk's present runs into the guest's memory: (pages, bytes).
+
+        Buffered: one pread of the span into this thread's buffer, then a pwrite
+        per run into the memfd.  O_DIRECT: a pread per run straight into our
+        mapping of the memfd (the guest does not run yet), so the disk writes
+        into guest memory itself, one copy fewer.
+        """
         bi, first, count, _ = job
         blk = self.blocks[bi]
         ps = blk.page_size
@@ -824,9 +834,19 @@ class _Reader:
             return 0, 0
         lo = int(starts[0])
         hi = int(starts[-1] + lengths[-1])
-        buf = self._read_span(bi, first + lo, hi - lo)
-        for s, n in zip(starts.tolist(), lengths.tolist(), strict=True):
-            blk.write_pages(first + s, buf[(s - lo) * ps : (s - lo + n) * ps])
+        if self.direct_io:
+            entry = self.saved.layout.blocks[bi]
+            for s, n in zip((starts + first).tolist(), lengths.tolist(), strict=True):
+                _pread_into(
+                    self.rfd,
+                    blk.view[s * ps : (s + n) * ps],
+                    entry.page_offset(s),
+                    source=self.saved.path,
+                )
+        else:
+            buf = self._read_span(bi, first + lo, hi - lo)
+            for s, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+                blk.write_pages(first + s, buf[(s - lo) * ps : (s - lo + n) * ps])
         self.placed[bi][first + lo : first + hi] |= want[lo:hi]
         pages = int(lengths.sum())
         return pages, pages * ps
