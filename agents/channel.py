@@ -102,17 +102,13 @@ class Channel:
                 return message
             if self._receive_into:
                 buffer = self.decoder.get_buffer(RECEIVE_CHUNK)
-                n = await self.stream.receive_into(buffer)
-                if n == 0:
-                    self._eof()
-                self.decoder.buffer_updated(n)
+                self._took(await self.stream.receive_into(buffer))
             else:
                 data = await self.stream.receive_some(RECEIVE_CHUNK)
                 if not data:
                     self._eof()
                 self.decoder.feed(data)
-                n = len(data)
-            self.stats.bytes_received += n
+                self.stats.bytes_received += len(data)
 
     # -- from a thread that owns the channel (agents/threads.py) ----------------
 
@@ -137,11 +133,14 @@ class Channel:
             if n is None:
                 self.decoder.buffer_updated(0)
                 return None
-            if n == 0:
-                self.decoder.buffer_updated(0)
-                self._eof()
-            self.decoder.buffer_updated(n)
-            self.stats.bytes_received += n
+            self._took(n)
+
+    def _took(self, n: int) -> None:
+        """``n`` bytes went into the decoder's buffer; 0 is the peer's EOF."""
+        self.decoder.buffer_updated(n)
+        if n == 0:
+            self._eof()
+        self.stats.bytes_received += n
 
     def _eof(self) -> None:
         self.stats.connected = False

@@ -123,7 +123,6 @@ class IncomingMigration:
         """Guards the received/requested bitmaps and the fault bookkeeping, which
         the fault thread and the trio thread both update."""
         self.fault_thread: OwnedThread | None = None
-        self.fault_thread_done = trio.Event()
         self.cancel_scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
         self.done = trio.Event()
@@ -291,7 +290,12 @@ class IncomingMigration:
             # hole (resolved locally as zero), so either way its data is gone.
             ram.blocks[drop[0]].discard(drop[1], 1)
             del self.agent.test_hooks["drop-page"]
-        if self.complete_seen and not self.postcopy_done.is_set() and ram.missing() == 0:
+        self._check_postcopy_done()
+
+    def _check_postcopy_done(self) -> None:
+        """COMPLETE came and every page is in place: postcopy can finish."""
+        assert self.ram is not None
+        if self.complete_seen and not self.postcopy_done.is_set() and self.ram.missing() == 0:
             self.postcopy_done.set()
 
     def _progress(self) -> None:
@@ -454,17 +458,11 @@ class IncomingMigration:
                 for request in requests:
                     ret.thread_send(request, thread.wait)
 
-    async def _run_fault_thread(self, thread: OwnedThread, done: trio.Event) -> None:
-        try:
-            await thread.run(self._fault_thread, thread)
-        finally:
-            done.set()
-
     async def _stop_fault_thread(self) -> None:
         """Stop this round's fault thread between messages and wait for it."""
         if self.fault_thread is not None:
             self.fault_thread.stop()
-            await self.fault_thread_done.wait()
+            await self.fault_thread.done.wait()
             self.fault_thread = None
 
     async def _ret_send(self, msg: Any) -> None:
@@ -545,15 +543,13 @@ class IncomingMigration:
         # The background stream's crypto and placement run in worker threads, so
         # the trio thread is free for faults, requests and preempt pages.
         offload_crypto(self.main)
-        self.fault_thread = OwnedThread("postcopy/fault", realtime=True)
-        self.fault_thread_done = trio.Event()
+        self.fault_thread = thread = OwnedThread("postcopy/fault", realtime=True)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._run_fault_thread, self.fault_thread, self.fault_thread_done)
-            nursery.start_soon(self._postcopy_reader, self.main)
+            nursery.start_soon(thread.run, self._fault_thread, thread)
+            nursery.start_soon(self._postcopy_main)
             nursery.start_soon(self.liveness.run, self._ping)
             nursery.start_soon(watch_pause, self.pause_requested)
-            if self.complete_seen and self.ram.missing() == 0:
-                self.postcopy_done.set()
+            self._check_postcopy_done()
             await self.postcopy_done.wait()
             await self._finish_postcopy()
             # Let the source close first, as it does on SHUT: closing at once can
@@ -563,9 +559,11 @@ class IncomingMigration:
             nursery.cancel_scope.cancel()
         self.fault_thread = None
 
-    async def _postcopy_reader(self, channel: Channel) -> None:
-        assert self.ram is not None
-        background = channel is self.main
+    async def _postcopy_main(self) -> None:
+        """Main in postcopy: the background stream (placed in a worker thread with
+        its own placer), PING/PONG, COMPLETE.  Preempt is the fault thread's."""
+        assert self.ram is not None and self.main is not None
+        channel = self.main
         while True:
             try:
                 msg = await channel.receive()
@@ -574,21 +572,19 @@ class IncomingMigration:
                     raise
                 self.source_closed.set()
                 return
-            if isinstance(msg, PAGE_MESSAGES) and background and not self.ram.sealed:
-                async with self.placing:
-                    await trio.to_thread.run_sync(self.ram.store, msg, self.background_placer)
+            if isinstance(msg, PAGE_MESSAGES):
+                if not self.ram.sealed:  # sealed: apply only counts a late duplicate
+                    async with self.placing:
+                        await trio.to_thread.run_sync(self.ram.store, msg, self.background_placer)
                 self._apply(msg, stored=True)
-            elif isinstance(msg, PAGE_MESSAGES):
-                self._apply(msg)
             elif isinstance(msg, Ping):
                 await self._ret_send(Pong(msg.seq, msg.sent_ns))
             elif isinstance(msg, Pong):
                 self.liveness.pong()
             elif isinstance(msg, Complete):
                 self.complete_seen = True
-                if self.ram.missing() == 0:
-                    self.postcopy_done.set()
-                else:
+                self._check_postcopy_done()
+                if not self.postcopy_done.is_set():
                     log.info(
                         "COMPLETE with %d pages still in flight on other channels",
                         self.ram.missing(),

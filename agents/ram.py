@@ -65,6 +65,14 @@ def _zero_page(size: int) -> bytes:
     return page
 
 
+async def _send_all(send: SendFn, messages: list[Any]) -> int:
+    """Send frames in order; returns the bytes they took on the wire."""
+    nbytes = 0
+    for message in messages:
+        nbytes += await send(message)
+    return nbytes
+
+
 class RateLimiter:
     """A token bucket for ``max-bandwidth`` (bytes/s; 0 means unlimited)."""
 
@@ -268,9 +276,7 @@ class RamSender:
     ) -> int:
         """Serve a page request on the trio thread (main, when there is no preempt)."""
         pages, messages = self.take_request(block_index, first, count, request_id)
-        nbytes = 0
-        for message in messages:
-            nbytes += await send(message)
+        nbytes = await _send_all(send, messages)
         self.account_request(block_index, pages, messages, nbytes)
         return nbytes
 
@@ -279,9 +285,7 @@ class RamSender:
     ) -> int:
         """Send one batch of page indices of one block; returns bytes on the wire."""
         messages = self.batch_messages(block_index, batch, request_id)
-        nbytes = 0
-        for message in messages:
-            nbytes += await send(message)
+        nbytes = await _send_all(send, messages)
         self.account(block_index, batch, messages, nbytes, phase)
         return nbytes
 

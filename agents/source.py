@@ -488,11 +488,10 @@ class OutgoingMigration:
 
     async def _serve_requests(self, requests: trio.MemoryReceiveChannel[ReqPages]) -> None:
         assert self.ram is not None
+        assert self.main is not None  # without preempt, requested pages go on main
         async for req in requests:
-            channel = self.preempt or self.main
-            assert channel is not None
             await self.ram.send_requested(
-                channel.send, req.block, req.first_page, req.count, req.request_id
+                self.main.send, req.block, req.first_page, req.count, req.request_id
             )
 
     def _return_path_thread(self, thread: OwnedThread, nursery: trio.Nursery) -> None:
@@ -501,7 +500,7 @@ class OutgoingMigration:
         the trio thread is still busy with the background stream.
 
         Runs in ``thread``; everything else it learns goes to the trio thread
-        with ``run_sync_soon``.  Without preempt, requests are queued for
+        with ``thread.call_soon``.  Without preempt, requests are queued for
         ``_serve_requests``, which sends them on main between background pieces.
         """
         assert self.ret is not None and self.ram is not None

@@ -37,7 +37,6 @@ __all__ = ["OwnedThread", "ThreadAborted"]
 log = logging.getLogger("godwit.threads")
 
 READ = select.POLLIN
-WRITE = select.POLLOUT
 
 
 class ThreadAborted(Exception):
@@ -55,6 +54,8 @@ class OwnedThread:
         self.stopping = False
         self.aborting = False
         self.running = False
+        self.done = trio.Event()
+        """Set once :meth:`run` has returned (the thread is gone)."""
         self._token: trio.lowlevel.TrioToken | None = None
 
     # -- from trio ---------------------------------------------------------------
@@ -72,6 +73,7 @@ class OwnedThread:
         finally:
             self.running = False
             os.close(self._wake)
+            self.done.set()
 
     def _body(self, fn: Callable[..., Any], *args: Any) -> Any:
         boosted = self.realtime and _set_realtime(True, self.name)

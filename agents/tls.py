@@ -614,11 +614,10 @@ class TLSStream(trio.abc.Stream):
         with self._send_guard:
             self._check_send()
             pieces, total = _plaintext_pieces(buffers)
-            for piece in pieces:
-                self._encrypt(piece)
+            self._encrypt_all(pieces)
             data = memoryview(self._out.read())
             self._send_broken = True
-            _write_all(self._sock.fileno(), data, wait, self._broken)
+            _write_all(self._sock.fileno(), [data], wait, self._broken)
             self._send_broken = False
             self.wire_bytes_sent += len(data)
             self.bytes_sent += total
@@ -709,17 +708,29 @@ WaitFn = Callable[[int, int], None]
 
 
 def _write_all(
-    fd: int, data: memoryview, wait: WaitFn, broken: Callable[[OSError], Exception]
+    fd: int, views: list[memoryview], wait: WaitFn, broken: Callable[[OSError], Exception]
 ) -> None:
-    while data:
+    """Gather-write every view (one syscall when the socket has room)."""
+    views = [v for v in views if v]
+    while views:
         try:
-            n = os.write(fd, data)
+            n = os.writev(fd, views[:1024])
         except BlockingIOError:
             wait(fd, select.POLLOUT)
             continue
         except OSError as exc:
             raise broken(exc) from exc
-        data = data[n:]
+        _advance(views, n)
+
+
+def _advance(views: list[memoryview], sent: int) -> None:
+    """Drop ``sent`` bytes from the front of a gather list, in place."""
+    while sent and views:
+        if sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
 
 
 def _read_some(
@@ -809,12 +820,7 @@ class PlainStream(trio.abc.Stream):
                 while views:
                     sent = await self._sock.sendmsg(views[:1024])
                     self.bytes_sent += sent
-                    while sent and views:
-                        if sent >= len(views[0]):
-                            sent -= len(views.pop(0))
-                        else:
-                            views[0] = views[0][sent:]
-                            sent = 0
+                    _advance(views, sent)
             except OSError as exc:
                 raise self._error(exc) from exc
 
@@ -843,10 +849,9 @@ class PlainStream(trio.abc.Stream):
         with self._send_guard:
             if self._closed:
                 raise trio.ClosedResourceError("this stream was closed")
-            for buf in buffers:
-                view = memoryview(buf).cast("B")
-                _write_all(self._sock.fileno(), view, wait, self._error)
-                self.bytes_sent += len(view)
+            views = [memoryview(b).cast("B") for b in buffers]
+            _write_all(self._sock.fileno(), views, wait, self._error)
+            self.bytes_sent += sum(len(v) for v in views)
 
     def thread_receive_into(self, view: memoryview, wait: WaitFn, *, block: bool) -> int | None:
         with self._recv_guard:

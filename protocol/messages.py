@@ -613,6 +613,12 @@ class Zero(Message):
 _U32_HEAD = struct.Struct(">I")
 
 
+def _only_u32(payload: memoryview) -> int:
+    """The payload of a message that is one u32 (MULTIFD_SYNC, RECV_BITMAP_REQUEST)."""
+    _exact(payload, 4)
+    return int(_U32_HEAD.unpack(payload)[0])
+
+
 @dataclass(frozen=True, slots=True)
 class PassEnd(Message):
     """End of one precopy pass, with what it measured (bytes, pages, dirty rate…)."""
@@ -655,9 +661,7 @@ class MultifdSync(Message):
 
     @classmethod
     def decode_payload(cls, payload: memoryview) -> Self:
-        _exact(payload, 4)
-        (sync_no,) = _U32_HEAD.unpack_from(payload)
-        return cls(sync_no)
+        return cls(_only_u32(payload))
 
 
 _BATCH = struct.Struct(">II")
@@ -1075,8 +1079,7 @@ class RecvBitmapRequest(Message):
 
     @classmethod
     def decode_payload(cls, payload: memoryview) -> Self:
-        _exact(payload, 4)
-        return cls(_U32_HEAD.unpack(payload)[0])
+        return cls(_only_u32(payload))
 
 
 _BITMAP_HEAD = struct.Struct(">IIQQ")
