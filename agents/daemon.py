@@ -29,7 +29,14 @@ from protocol import PROTOCOL_VERSION, qapi
 from protocol.control import DEVICE_NOT_FOUND, QmpError
 from protocol.messages import Config, Hello
 from protocol.options import CAPABILITIES, PARAMETERS, validate_capabilities, validate_parameters
-from protocol.states import MigrationStatus, Role, allowed_commands, is_terminal
+from protocol.states import (
+    MigrationStatus,
+    Role,
+    allowed_commands,
+    is_active,
+    is_paused,
+    is_terminal,
+)
 from protocol.uri import parse_uri
 
 from . import version
@@ -158,9 +165,18 @@ class Agent:
         loses that page after it arrives, so tests can show verification catches it."""
         """migrate-incoming autostart=false leaves arriving guests paused (QEMU's -S)."""
         self.control_tls_port: int | None = None
-        self.spares = SparePool(config.spare_guests)
+        self.spares = SparePool(config.spare_guests, busy=self.migrating)
         self._nursery: trio.Nursery | None = None
         self.control = ControlServer(self._handlers(), self.events, self._qmp_version())
+
+    def migrating(self) -> bool:
+        """A migration is moving pages in either direction (not paused, not finished)."""
+        return any(
+            e.migration is not None
+            and is_active(e.migration.state.status)
+            and not is_paused(e.migration.state.status)
+            for e in self.guests.values()
+        )
 
     # -- lifecycle -------------------------------------------------------------
 

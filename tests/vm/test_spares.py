@@ -100,3 +100,22 @@ async def test_a_dead_spare_is_passed_over_for_a_cold_start():
         finally:
             await g.quit()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_taken_spare_is_replaced_only_once_no_migration_is_running():
+    migrating = False
+    async with trio.open_nursery() as nursery:
+        pool = SparePool(1, refill_delay=0.05, busy=lambda: migrating)
+        await nursery.start(pool.run)
+        await pool.ready()
+        migrating = True  # an incoming migration takes the spare
+        spare = pool.take()
+        assert spare is not None and len(pool) == 0
+        await trio.sleep(1.0)  # 20 refill delays: a refill would have started and finished
+        assert len(pool) == 0, "a spare was started while a migration was running"
+        migrating = False
+        with trio.fail_after(30):
+            await pool.ready()
+        assert len(pool) == 1 and pool._spares[0].pid != spare.pid
+        await spare.close()
+        nursery.cancel_scope.cancel()
