@@ -121,6 +121,11 @@ class Channel:
         self.stats.last_frame = time.monotonic()
         return size
 
+    def buffered(self) -> bool:
+        """A message may be had without the socket becoming readable (decoded
+        frames, or TLS bytes already read): a thread that polls must receive first."""
+        return self.decoder.frames_ready or self.stream.has_buffered
+
     def thread_receive(self, wait: WaitFn, *, block: bool = True) -> Message | None:
         """:meth:`receive` for the owning thread; with ``block`` false, None as soon
         as no whole message is left in what has arrived."""

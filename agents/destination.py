@@ -85,6 +85,9 @@ CHANNEL_TIMEOUT = 30.0
 RECOVER_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 60.0
 SHUT_LINGER = 2.0
+YIELD_TO_REQUESTS = 0.002
+"""Seconds the postcopy background stream waits, per frame, for page requests in
+flight (``_yield_to_requests``): it keeps at least ~1 MiB per 2 ms moving."""
 
 
 class IncomingMigration:
@@ -129,6 +132,8 @@ class IncomingMigration:
         self.meter = BandwidthMeter()
         self._last_progress = 0.0
         self._bytes_at_progress = 0
+        self._awaiting_requests = False
+        self._requests_settled = trio.Event()
 
     # -- channels arriving through the listener ------------------------------------
 
@@ -267,13 +272,14 @@ class IncomingMigration:
         assert self.ram is not None
         with self.ram_lock:
             count = self.ram.apply(msg, stored=stored)
-        self._account(msg, count)
+        self._account(isinstance(msg, (Pages, PageBatch)), count)
 
-    def _account(self, msg: Any, count: int) -> None:
-        """Statistics, progress and test hooks for pages applied (trio thread)."""
+    def _account(self, data: bool, count: int) -> None:
+        """Statistics, progress and test hooks for ``count`` pages applied, with
+        ``data`` or as zero (trio thread)."""
         assert self.ram is not None
         ram, stats = self.ram, self.state.ram
-        if isinstance(msg, (Pages, PageBatch)):
+        if data:
             stats.normal += count
             stats.transferred += count * stats.page_size
         else:
@@ -426,17 +432,28 @@ class IncomingMigration:
         with the background stream.  It owns the return path's sending and
         preempt's receiving until it stops; the trio side's PINGs and PONGs go
         through it (``_ret_send``).  Bitmaps are shared with the trio thread
-        under ``ram_lock``; statistics go back with ``call_soon``.
+        under ``ram_lock``; statistics go back with ``later`` (the trio thread
+        folds them in every few ms and when the thread ends: waking it for each
+        page would put a GIL handoff into the next request's round trip).
+
+        Every syscall releases the GIL, and taking it back on a busy host
+        means waiting behind the background stream's threads, so the loop
+        makes few: one poll for both fds, and preempt is read only when poll
+        says so or bytes are already buffered (never to learn it is empty).
         """
         assert self.faults is not None and self.ram is not None and self.ret is not None
         faults, ram, ret, preempt = self.faults, self.ram, self.ret, self.preempt
         placer = faults.placer
         uffd = placer.fileno()
         watch = [(uffd, READ)]
+        preempt_fd = -1
         if preempt is not None:
-            watch.append((preempt.stream.socket.fileno(), READ))
+            preempt_fd = preempt.stream.socket.fileno()
+            watch.append((preempt_fd, READ))
+        readable = preempt is not None  # what arrived before this round's thread began
         while not thread.should_stop():
-            while preempt is not None:
+            while preempt is not None and (readable or preempt.buffered()):
+                readable = False
                 msg = preempt.thread_receive(thread.wait, block=False)
                 if msg is None:
                     break
@@ -448,7 +465,10 @@ class IncomingMigration:
                     ram.store(msg, placer)  # UFFDIO_COPY: the vCPU runs again from here
                 with self.ram_lock:
                     count = ram.apply(msg, stored=True)
-                thread.call_soon(self._account, msg, count)
+                thread.later(self._account, isinstance(msg, (Pages, PageBatch)), count)
+                if self._awaiting_requests and not faults.pending:
+                    self._awaiting_requests = False
+                    thread.call_soon(self._requests_settled.set)
             ready = thread.wait_any(watch)
             if ready.get(uffd, 0) & (POLLERR | POLLHUP):
                 raise GuestGone("the guest's userfaultfd hung up: the guest process is gone")
@@ -457,6 +477,7 @@ class IncomingMigration:
                     requests = faults.take_faults(placer.read_faults())
                 for request in requests:
                     ret.thread_send(request, thread.wait)
+            readable = preempt_fd in ready
 
     async def _stop_fault_thread(self) -> None:
         """Stop this round's fault thread between messages and wait for it."""
@@ -565,6 +586,7 @@ class IncomingMigration:
         assert self.ram is not None and self.main is not None
         channel = self.main
         while True:
+            await self._yield_to_requests()
             try:
                 msg = await channel.receive()
             except ChannelClosed:
@@ -593,6 +615,27 @@ class IncomingMigration:
                 raise ProtocolError(
                     f"unexpected {type(msg).__name__} in postcopy", channel=channel.name
                 )
+
+    async def _yield_to_requests(self) -> None:
+        """Let the guest's page requests in flight finish before the next background frame.
+
+        On a small host the background stream's threads and this one share
+        the GIL and the cores with the fault thread; every GIL handoff in a
+        request's round trip costs a thread wake-up.  While requests are in
+        flight the background waits (at most YIELD_TO_REQUESTS), so a request
+        meets an idle process.  The fault thread wakes us when they are done.
+        """
+        faults = self.faults
+        if faults is None or not faults.pending:
+            return
+        self._requests_settled = settled = trio.Event()
+        self._awaiting_requests = True
+        try:
+            if faults.pending:  # again: the fault thread may have emptied it meanwhile
+                with trio.move_on_after(YIELD_TO_REQUESTS):
+                    await settled.wait()
+        finally:
+            self._awaiting_requests = False
 
     async def _close_channels(self) -> None:
         await close_channels(self.main, self.ret, self.preempt)

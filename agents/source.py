@@ -499,8 +499,9 @@ class OutgoingMigration:
         preempt channel, answer page requests right here — the page leaves while
         the trio thread is still busy with the background stream.
 
-        Runs in ``thread``; everything else it learns goes to the trio thread
-        with ``thread.call_soon``.  Without preempt, requests are queued for
+        Runs in ``thread``; the statistics of requests served go to the trio
+        thread with ``thread.later`` (folded in every few ms, never waking it
+        in the middle of the next request), the rest with ``thread.call_soon``.  Without preempt, requests are queued for
         ``_serve_requests``, which sends them on main between background pieces.
         """
         assert self.ret is not None and self.ram is not None
@@ -515,7 +516,7 @@ class OutgoingMigration:
                     msg.block, msg.first_page, msg.count, msg.request_id
                 )
                 nbytes = sum(preempt.thread_send(m, thread.wait) for m in messages)
-                thread.call_soon(ram.account_request, msg.block, pages, messages, nbytes)
+                thread.later(ram.account_request, msg.block, pages, messages, nbytes)
             elif isinstance(msg, Pong):
                 thread.call_soon(self.liveness.pong)
             elif isinstance(msg, Ping):

@@ -57,6 +57,7 @@ class OwnedThread:
         self.done = trio.Event()
         """Set once :meth:`run` has returned (the thread is gone)."""
         self._token: trio.lowlevel.TrioToken | None = None
+        self._later: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
 
     # -- from trio ---------------------------------------------------------------
 
@@ -67,10 +68,18 @@ class OwnedThread:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._abort_on_cancel)
-                result = await trio.to_thread.run_sync(self._body, fn, *args)
+                nursery.start_soon(self._drain_every, LATER_INTERVAL)
+                try:
+                    result = await trio.to_thread.run_sync(self._body, fn, *args)
+                except ThreadAborted:
+                    # The owner was cancelled and the thread left: what the owner's
+                    # caller sees is that cancellation, not a stray error.
+                    await trio.lowlevel.checkpoint()
+                    raise
                 nursery.cancel_scope.cancel()
             return result
         finally:
+            self.drain()  # nothing handed over with later() is lost
             self.running = False
             os.close(self._wake)
             self.done.set()
@@ -89,6 +98,24 @@ class OwnedThread:
         finally:
             self.aborting = True
             self._poke()
+
+    async def _drain_every(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            self.drain()
+
+    def drain(self) -> None:
+        """Run what the thread handed over with :meth:`later` (on the trio thread).
+
+        The owner calls it before any decision that needs those results (e.g.
+        "is every page here?"); otherwise it runs every ``LATER_INTERVAL``.
+        """
+        while self._later:
+            fn, args = self._later.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("%s: work handed to the trio thread failed", self.name)
 
     def stop(self) -> None:
         """Ask the thread to leave at its next loop turn (see :meth:`should_stop`)."""
@@ -137,6 +164,14 @@ class OwnedThread:
 
         self._token.run_sync_soon(guarded)
 
+    def later(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Have the trio thread run ``fn(*args)`` at its next :meth:`drain`, without
+        waking it: for bookkeeping after every page (statistics, bitmaps only trio
+        reads).  Waking trio for each costs a wakeup-socket write and a GIL handoff
+        in the middle of the next request's round trip; ``call_soon`` is for what
+        trio must act on at once."""
+        self._later.append((fn, args))
+
     def wait(self, fd: int, events: int) -> None:
         """Block until ``fd`` is ready for ``events`` (e.g. a socket's send buffer has room)."""
         self.wait_any([(fd, events)])
@@ -165,6 +200,10 @@ class OwnedThread:
             raise ThreadAborted(self.name)
         return ready
 
+
+LATER_INTERVAL = 0.02
+"""Seconds between the owner's drains of :meth:`OwnedThread.later` work: statistics
+in ``query-migrate`` lag the thread by at most this much."""
 
 REALTIME_PRIORITY = 1
 """SCHED_FIFO priority of request-path threads: above every normal thread, below

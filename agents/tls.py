@@ -308,6 +308,11 @@ class TLSStream(trio.abc.Stream):
         self._closed = False
         self._send_broken = False  # a send was interrupted mid-record
         self._eof = False  # close_notify received
+        self._drained = False
+        """OpenSSL holds no plaintext and the incoming BIO no ciphertext: reading
+        before new bytes arrive would only raise SSLWantReadError — and release
+        and retake the GIL, which on the postcopy request path costs a wait
+        behind the background stream's threads each time."""
         self._handshaken = False
         self.peer_address = _address(self._sock)
         self._peer: PeerIdentity | None = None
@@ -459,6 +464,7 @@ class TLSStream(trio.abc.Stream):
             raise self._broken(exc) from exc
         if n:
             self._in.write(self._rview[:n])
+            self._drained = False
             self.wire_bytes_received += n
         return n
 
@@ -547,10 +553,11 @@ class TLSStream(trio.abc.Stream):
     def _decrypt_into(self, view: memoryview) -> int:
         """Decrypt every complete record the BIO holds, up to len(view) bytes."""
         got, want = 0, len(view)
-        while got < want:
+        while got < want and not self._drained:
             try:
                 n = cast(int, self._ssl.read(want - got, view[got:]))
             except ssl.SSLWantReadError:
+                self._drained = True
                 break
             except ssl.SSLZeroReturnError:
                 self._eof = True
@@ -562,7 +569,16 @@ class TLSStream(trio.abc.Stream):
                 self._eof = True
                 break
             got += n
+            if got < want and not self._in.pending:
+                # Less than asked and no ciphertext left: that record was the last
+                # whole one (OpenSSL reads one record at a time; read-ahead is off).
+                self._drained = True
         return got
+
+    @property
+    def has_buffered(self) -> bool:
+        """Bytes may be readable without the socket: poll(2) would not see them."""
+        return not self._drained or bool(self._in.pending)
 
     async def receive_into(self, buffer: Buffer) -> int:
         """Fill ``buffer`` with what has arrived (at least 1 byte); 0 means the peer closed.
@@ -596,6 +612,7 @@ class TLSStream(trio.abc.Stream):
                 blocked = True
                 if not await self._fill():
                     self._in.write_eof()
+                    self._drained = False
             if not blocked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             self.bytes_received += n
@@ -633,11 +650,14 @@ class TLSStream(trio.abc.Stream):
                 if n or self._eof:
                     self.bytes_received += n
                     return n
+                if block:
+                    wait(self._sock.fileno(), select.POLLIN)  # then one read, not EAGAIN first
                 got = _read_some(
                     self._sock.fileno(), self._rview, wait if block else None, self._broken
                 )
                 if got is None:
                     return None
+                self._drained = False
                 if got:
                     self._in.write(self._rview[:got])
                     self.wire_bytes_received += got
@@ -852,6 +872,9 @@ class PlainStream(trio.abc.Stream):
             views = [memoryview(b).cast("B") for b in buffers]
             _write_all(self._sock.fileno(), views, wait, self._error)
             self.bytes_sent += sum(len(v) for v in views)
+
+    has_buffered = False
+    """Reads go straight from the socket to the caller: poll(2) sees everything."""
 
     def thread_receive_into(self, view: memoryview, wait: WaitFn, *, block: bool) -> int | None:
         with self._recv_guard:

@@ -285,6 +285,11 @@ class FrameDecoder:
 
     # -- output -------------------------------------------------------------
 
+    @property
+    def frames_ready(self) -> bool:
+        """:meth:`next_frame` has a frame (or the stream's error) without more bytes."""
+        return bool(self._ready) or self._error is not None
+
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None if more bytes are needed.
 

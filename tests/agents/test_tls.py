@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
+import select
 import socket
 import ssl
 import threading
@@ -454,3 +455,55 @@ async def test_keepalive_options_reach_the_socket(tls_pki: Path) -> None:
         assert sock.getsockopt(tcp, socket.TCP_KEEPCNT) == 4
         assert sock.getsockopt(tcp, socket.TCP_USER_TIMEOUT) == 15_000
         assert sock.getsockopt(tcp, socket.TCP_NODELAY) == 1
+
+
+async def test_a_poll_driven_thread_receives_every_byte(tls_pki: Path) -> None:
+    """The postcopy request threads' pattern (agents/threads.py): read only when
+    poll(2) says the socket is readable or ``has_buffered`` says bytes are already
+    in user space, never just to learn there is nothing.  Were ``has_buffered``
+    ever to hide bytes OpenSSL or the BIO still held, the poll below would time
+    out with the stream incomplete."""
+    async with connected_pair(tls_pki) as (client, srv):
+        data = os.urandom(4 << 20)
+        TAIL = 1000
+        rng = random.Random(5)
+
+        def wait(fd: int, events: int) -> None:
+            waiter = select.poll()
+            waiter.register(fd, events)
+            waiter.poll(10_000)
+
+        def receive_all() -> bytes:
+            got = bytearray()
+            buf = memoryview(bytearray(1 << 20))
+            poller = select.poll()
+            poller.register(srv.socket.fileno(), select.POLLIN)
+            readable = True
+            while len(got) < len(data):
+                while readable or srv.has_buffered:
+                    readable = False
+                    want = rng.choice([1, 100, 4096 + 32, 16384, 65536, 1 << 20])
+                    body = len(data) - TAIL
+                    # The tail (one record) byte by byte: the rest of it stays in OpenSSL.
+                    want = min(want, body - len(got)) if len(got) < body else 1
+                    n = srv.thread_receive_into(buf[:want], wait, block=rng.random() < 0.3)
+                    if n is None:
+                        break
+                    assert n, f"peer closed after {len(got)} of {len(data)} bytes"
+                    got += buf[:n]
+                if len(got) < len(data):
+                    assert poller.poll(10_000), (
+                        f"{len(data) - len(got)} bytes never signalled: stuck in user space"
+                    )
+                    readable = True
+            return bytes(got)
+
+        async def send() -> None:
+            await pump(client, data[:-TAIL], random.Random(12))
+            await client.send_all(data[-TAIL:])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            got = await trio.to_thread.run_sync(receive_all)
+        assert got == data
+        assert not srv.has_buffered
