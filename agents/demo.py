@@ -177,6 +177,7 @@ class Demo:
             "blocktime_ms": info.get("postcopy-blocktime"),
             "latency_avg_us": round(info.get("postcopy-latency", 0) / 1000, 1),
             "latency_dist_us": info.get("postcopy-latency-dist"),
+            "latency_percentiles_us": info.get("x-postcopy-latency-percentiles"),
             "channels": [c["name"] for c in src.get("channels", [])],
         }
         self.summary["pauses"] = src.get("pauses", 0)

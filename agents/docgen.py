@@ -273,6 +273,12 @@ QUERY_MIGRATE_FIELDS: dict[str, Field] = {
     "postcopy-latency-dist": Field(
         "[int]", "fault latencies: count per power-of-two bucket of µs", "postcopy enabled"
     ),
+    "x-postcopy-latency-percentiles": Field(
+        "object",
+        "godwit: exact `p50`, `p90`, `p99` µs of the last 65536 fault latencies, "
+        "`max` µs of all, and `samples`; empty before the first fault",
+        "postcopy enabled",
+    ),
     "pauses": Field("int", "godwit: times postcopy was paused", "postcopy enabled"),
     "recoveries": Field("int", "godwit: times a paused postcopy recovered", "postcopy enabled"),
     "switchover-digest": Field(

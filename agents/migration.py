@@ -25,6 +25,8 @@ from .events import EventBus
 
 S = MigrationStatus
 LATENCY_BUCKETS = 32
+LATENCY_SAMPLES = 1 << 16
+"""Fault latencies kept for exact percentiles (512 KiB; the most recent ones)."""
 
 
 def first_error(exc: BaseException) -> BaseException:
@@ -118,13 +120,36 @@ class PostcopyStats:
     )
     latency_sum_ns: int = 0
     latency_count: int = 0
+    latency_max_ns: int = 0
+    latency_samples: np.ndarray = field(
+        default_factory=lambda: np.zeros(LATENCY_SAMPLES, dtype=np.int64)
+    )
+    """The last LATENCY_SAMPLES latencies (a ring): exact percentiles, where QEMU's
+    histogram only says which power of two they fall in."""
 
     def record_latency(self, latency_ns: int) -> None:
         """One request's fault-to-placed time (QEMU 10.1's postcopy-latency-dist)."""
+        self.latency_samples[self.latency_count % LATENCY_SAMPLES] = latency_ns
         self.latency_sum_ns += latency_ns
         self.latency_count += 1
+        if latency_ns > self.latency_max_ns:
+            self.latency_max_ns = latency_ns
         bucket = max(latency_ns // 1000, 1).bit_length() - 1  # floor(log2(µs))
         self.latency_dist[min(bucket, LATENCY_BUCKETS - 1)] += 1
+
+    def latency_percentiles(self) -> dict[str, int]:
+        """Exact p50/p90/p99 (µs) of the recent window, the all-time max, and the window size."""
+        window = self.latency_samples[: min(self.latency_count, LATENCY_SAMPLES)]
+        if not len(window):
+            return {}
+        p50, p90, p99 = np.percentile(window, [50, 90, 99]) / 1000
+        return {
+            "p50": round(p50),
+            "p90": round(p90),
+            "p99": round(p99),
+            "max": round(self.latency_max_ns / 1000),
+            "samples": len(window),
+        }
 
     def info(self) -> dict[str, Any]:
         return {
@@ -134,6 +159,7 @@ class PostcopyStats:
             if self.latency_count
             else 0,
             "postcopy-latency-dist": [int(x) for x in self.latency_dist],
+            "x-postcopy-latency-percentiles": self.latency_percentiles(),
         }
 
 

@@ -13,8 +13,9 @@ starts a fresh pair of agent processes and a fresh guest.
 Fault latency is the destination's own measure (QEMU 10.1's): from the
 fault read off userfaultfd to the page placed, reported in ``query-migrate``
 as ``postcopy-latency`` (average, ns) and ``postcopy-latency-dist``, a
-histogram of power-of-two µs buckets (bucket i = [2^i, 2^(i+1)) µs).  So
-p50/p99/max are *buckets*, not exact values; the average is exact.  The
+histogram of power-of-two µs buckets (bucket i = [2^i, 2^(i+1)) µs), whose
+p50/p99/max are *buckets*; the verdict uses godwit's exact
+``x-postcopy-latency-percentiles`` (the last 65536 faults) instead.  The
 number of faults is the histogram's count (and the source's
 ``postcopy-requests``, pages asked for).
 
@@ -186,6 +187,7 @@ async def postcopy_case(size: int, preempt: bool, rate: str) -> dict[str, Any]:
             "requests": info["ram"].get("postcopy-requests", 0),
             "dist": list(dinfo.get("postcopy-latency-dist", [])),
             "avg_ns": dinfo.get("postcopy-latency", 0),
+            "pct": dict(dinfo.get("x-postcopy-latency-percentiles") or {}),
             "blocktime": dinfo.get("postcopy-blocktime"),
             "channels": {c["name"]: c.get("bytes-sent", 0) for c in info.get("channels", [])},
             "verified": check.get("verified"),
@@ -268,11 +270,29 @@ def main() -> int:
     print(
         f"  {'blocktime (dst)':<22} {str(off['blocktime']) + ' ms':>22} {str(on['blocktime']) + ' ms':>22}"
     )
-    p50, p99 = A.bucket_percentile(on["dist"], 50), A.bucket_percentile(on["dist"], 99)
-    print(
-        f"  => with preempt: p50 {A.fmt_bucket(p50)} vs target 200 µs: {verdict(p50, 200)}; "
-        f"p99 {A.fmt_bucket(p99)} vs target 1 ms: {verdict(p99, 1000)}"
-    )
+    po, pn = off["pct"], on["pct"]
+    for q in ("p50", "p90", "p99", "max"):
+        if q in po and q in pn:
+            print(
+                f"  {q + ' (exact)':<22} {po[q]:>19} µs {pn[q]:>19} µs   "
+                f"{A.ratio(pn[q], po[q]):>6}   x{pn[q] / ref50:.1f} of ssl p50"
+            )
+    if pn:
+        print(
+            f"  (exact: x-postcopy-latency-percentiles, the last {pn['samples']} faults; "
+            "max over all)"
+        )
+        print(
+            f"  => with preempt: p50 {pn['p50']} µs vs target 200 µs: "
+            f"{'meets' if pn['p50'] <= 200 else 'MISSES'}; p99 {pn['p99']} µs vs target 1 ms: "
+            f"{'meets' if pn['p99'] <= 1000 else 'MISSES'}"
+        )
+    else:
+        p50, p99 = A.bucket_percentile(on["dist"], 50), A.bucket_percentile(on["dist"], 99)
+        print(
+            f"  => with preempt: p50 {A.fmt_bucket(p50)} vs target 200 µs: {verdict(p50, 200)}; "
+            f"p99 {A.fmt_bucket(p99)} vs target 1 ms: {verdict(p99, 1000)}"
+        )
 
     print("\npostcopy completion vs precopy bulk throughput (same guest size, same run)")
     pre_gbps = A.gbps(pre["ram_total"], pre["total_s"])
