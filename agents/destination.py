@@ -626,8 +626,8 @@ class IncomingMigration:
         meets an idle process.  The fault thread wakes us when they are done.
         """
         faults = self.faults
-        if faults is None or not faults.pending:
-            return
+        if faults is None or not faults.pending or self.preempt is None:
+            return  # without preempt the requested pages come on main: read on
         self._requests_settled = settled = trio.Event()
         self._awaiting_requests = True
         try:
