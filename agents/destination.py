@@ -85,9 +85,6 @@ CHANNEL_TIMEOUT = 30.0
 RECOVER_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 60.0
 SHUT_LINGER = 2.0
-YIELD_TO_REQUESTS = 0.002
-"""Seconds the postcopy background stream waits, per frame, for page requests in
-flight (``_yield_to_requests``): it keeps at least ~1 MiB per 2 ms moving."""
 
 
 class IncomingMigration:
@@ -132,8 +129,6 @@ class IncomingMigration:
         self.meter = BandwidthMeter()
         self._last_progress = 0.0
         self._bytes_at_progress = 0
-        self._awaiting_requests = False
-        self._requests_settled = trio.Event()
 
     # -- channels arriving through the listener ------------------------------------
 
@@ -466,9 +461,6 @@ class IncomingMigration:
                 with self.ram_lock:
                     count = ram.apply(msg, stored=True)
                 thread.later(self._account, isinstance(msg, (Pages, PageBatch)), count)
-                if self._awaiting_requests and not faults.pending:
-                    self._awaiting_requests = False
-                    thread.call_soon(self._requests_settled.set)
             ready = thread.wait_any(watch)
             if ready.get(uffd, 0) & (POLLERR | POLLHUP):
                 raise GuestGone("the guest's userfaultfd hung up: the guest process is gone")
@@ -586,7 +578,6 @@ class IncomingMigration:
         assert self.ram is not None and self.main is not None
         channel = self.main
         while True:
-            await self._yield_to_requests()
             try:
                 msg = await channel.receive()
             except ChannelClosed:
@@ -615,27 +606,6 @@ class IncomingMigration:
                 raise ProtocolError(
                     f"unexpected {type(msg).__name__} in postcopy", channel=channel.name
                 )
-
-    async def _yield_to_requests(self) -> None:
-        """Let the guest's page requests in flight finish before the next background frame.
-
-        On a small host the background stream's threads and this one share
-        the GIL and the cores with the fault thread; every GIL handoff in a
-        request's round trip costs a thread wake-up.  While requests are in
-        flight the background waits (at most YIELD_TO_REQUESTS), so a request
-        meets an idle process.  The fault thread wakes us when they are done.
-        """
-        faults = self.faults
-        if faults is None or not faults.pending or self.preempt is None:
-            return  # without preempt the requested pages come on main: read on
-        self._requests_settled = settled = trio.Event()
-        self._awaiting_requests = True
-        try:
-            if faults.pending:  # again: the fault thread may have emptied it meanwhile
-                with trio.move_on_after(YIELD_TO_REQUESTS):
-                    await settled.wait()
-        finally:
-            self._awaiting_requests = False
 
     async def _close_channels(self) -> None:
         await close_channels(self.main, self.ret, self.preempt)
