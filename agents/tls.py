@@ -462,15 +462,39 @@ class TLSStream(trio.abc.Stream):
             self.wire_bytes_received += n
         return n
 
+    def _read_nowait(self) -> int | None:
+        """Move what the socket holds now (up to RECV_CHUNK) into the incoming BIO:
+        bytes moved (0 at EOF), or None when nothing has arrived."""
+        try:
+            n = os.readv(self._sock.fileno(), [self._rview])
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise self._broken(exc) from exc
+        if n:
+            self._in.write(self._rview[:n])
+            self.wire_bytes_received += n
+        return n
+
     async def _flush(self) -> None:
-        """Send everything OpenSSL has queued; a half-sent record breaks sending."""
+        """Send everything OpenSSL has queued; a half-sent record breaks sending.
+
+        Writes straight to the socket and waits (a trio checkpoint) only when
+        the kernel's buffer is full: callers checkpoint once per operation,
+        not once per write.
+        """
         if not self._out.pending:
             return
         data = memoryview(self._out.read())
+        fd = self._sock.fileno()
         self._send_broken = True
         try:
             while data:
-                sent = await self._sock.send(data)
+                try:
+                    sent = os.write(fd, data)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(fd)
+                    continue
                 self.wire_bytes_sent += sent
                 data = data[sent:]
         except OSError as exc:
@@ -499,16 +523,7 @@ class TLSStream(trio.abc.Stream):
     # -- sending -------------------------------------------------------------
 
     async def send_all(self, data: Buffer) -> None:
-        with self._send_guard:
-            self._check_send()
-            view = memoryview(data).cast("B")
-            if not view:
-                await trio.lowlevel.checkpoint()
-                return
-            for off in range(0, len(view), SEND_CHUNK):
-                self._encrypt(view[off : off + SEND_CHUNK])
-                await self._flush()
-            self.bytes_sent += len(view)
+        await self.send_many([data])
 
     async def send_many(self, buffers: Sequence[Buffer]) -> None:
         """Send buffers back to back, as if joined, without joining them.
@@ -518,6 +533,7 @@ class TLSStream(trio.abc.Stream):
         """
         with self._send_guard:
             self._check_send()
+            await trio.lowlevel.checkpoint_if_cancelled()
             pieces, total = _plaintext_pieces(buffers)
             if self.offload_crypto and total >= OFFLOAD_MIN:
                 async with self._crypto:
@@ -527,10 +543,8 @@ class TLSStream(trio.abc.Stream):
                     self._encrypt(piece)
                     if self._out.pending >= SEND_CHUNK:
                         await self._flush()
-            if self._out.pending:
-                await self._flush()
-            else:
-                await trio.lowlevel.checkpoint()
+            await self._flush()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             self.bytes_sent += total
 
     def _encrypt_all(self, pieces: list[Buffer]) -> None:
@@ -579,27 +593,41 @@ class TLSStream(trio.abc.Stream):
                 return 0
             await trio.lowlevel.checkpoint_if_cancelled()
             blocked = False
-            while True:
-                if self._eof:
-                    n = 0
-                elif (
+            got, want = 0, len(view)
+            while not self._eof:
+                if (
                     self.offload_crypto
+                    and not got
                     and self._in.pending >= OFFLOAD_MIN
-                    and len(view) >= OFFLOAD_MIN
+                    and want >= OFFLOAD_MIN
                 ):
+                    # Only while nothing is decrypted yet, and then return: a
+                    # thread hop is a checkpoint, and a cancel there must not
+                    # lose bytes already in the caller's buffer.
                     async with self._crypto:
-                        n = await trio.to_thread.run_sync(self._decrypt_into, view)
+                        got = await trio.to_thread.run_sync(self._decrypt_into, view)
+                    if got:
+                        break
                 else:
-                    n = self._decrypt_into(view)
-                if n or self._eof:
+                    got += self._decrypt_into(view[got:])
+                if got == want or self._eof:
                     break
-                blocked = True
-                if not await self._fill():
+                # No complete record left: take what the socket holds now, and
+                # wait for it only while there is nothing to deliver.
+                n = self._read_nowait()
+                if n is None:
+                    if got:
+                        break
+                    blocked = True
+                    await trio.lowlevel.wait_readable(self._sock.fileno())
+                elif n == 0:
+                    if got:
+                        break  # deliver first; the socket says EOF again next time
                     self._in.write_eof()
             if not blocked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            self.bytes_received += n
-            return n
+            self.bytes_received += got
+            return got
 
     async def receive_some(self, max_bytes: int | None = None) -> bytearray:
         buf = bytearray(max_bytes or DEFAULT_RECEIVE)
