@@ -9,18 +9,26 @@ trip through the event loop. A migration channel needs >= 1.0 GB/s, so
 :class:`TLSStream` drives an ``ssl.SSLObject`` over two ``ssl.MemoryBIO`` s
 itself and amortises the loop over large chunks:
 
-* receive: one ``recv_into`` of up to 256 KiB into a preallocated buffer,
+* receive: a nonblocking read of up to 1 MiB into a preallocated buffer,
   fed to the incoming BIO, then *every* complete record is decrypted
-  straight into the caller's buffer (``receive_into``) before the next wait;
-* send: up to 256 KiB of plaintext is encrypted into the outgoing BIO in one
-  go and handed to the kernel in one ``send``; ``send_many`` puts a small
-  frame header into the same TLS record as the start of its payload (one
-  copy of at most 16 KiB) instead of joining header and payload in Python.
+  straight into the caller's buffer (``receive_into``); while that buffer is
+  not full and the socket already holds more, it reads and decrypts again
+  without going back to the event loop, and it waits (``wait_readable``) only
+  while it has nothing to deliver;
+* send: plaintext is encrypted into the outgoing BIO 256 KiB at a time and
+  each piece written straight to the socket, waiting (``wait_writable``) only
+  when the kernel's buffer is full; ``send_many`` puts a small frame header
+  into the same TLS record as the start of its payload (one copy of at most
+  16 KiB) instead of joining header and payload in Python.
 
-Everything runs on the trio thread, so cancellation is plain trio
-cancellation, nothing outlives its task, and a cancelled ``receive_*``
-leaves the stream intact (bytes are only taken from
-the socket when trio says it is readable, and go straight into the BIO). A
+Each ``send_many`` / ``receive_into`` is one trio checkpoint however many
+socket calls it makes: a trip through the event loop per 256 KiB written or
+per read cost the sender 0.53 s and the receiver 0.61 s of user CPU per GiB,
+one per call 0.44 s and 0.50 s (bench/tls.py's send_many transport, 1 GiB).  Everything runs on the trio thread, so
+cancellation is plain trio cancellation, nothing outlives its task, and a
+cancelled ``receive_*`` leaves the stream intact (bytes taken from the
+socket go straight into the BIO, and a receive only waits, and so can only
+be cancelled, while it holds nothing to deliver). A
 cancelled *send* may have put part of a record on the wire; the stream then
 refuses further sends (``trio.BrokenResourceError``), as trio's own do.
 OpenSSL releases the GIL while it encrypts, so other threads of the agent
@@ -39,24 +47,28 @@ with this side's next send.
 
 Measured with ``python bench/tls.py`` (1 GiB in 1 MiB writes, loopback, sender
 and receiver in two processes, 2 cores shared with other work, OpenSSL 3.0,
-TLS_AES_256_GCM_SHA384; best of 2, runs on a quiet and on a busy machine):
+TLS_AES_256_GCM_SHA384; best of 2).  "now": one checkpoint per call, on a
+quiet machine (load average 0.95); the two columns before it are earlier
+runs, with a trip through the event loop per 256 KiB:
 
-============================================  ==========  ==========
-transport                                     quiet       busy
-============================================  ==========  ==========
-plain TCP, blocking sockets                   3.9 GB/s    3.1 GB/s
-blocking stdlib ssl pair (one thread each)    1.21 GB/s   0.95 GB/s
-TLSStream (this module), send_all             1.65 GB/s   0.94 GB/s
-TLSStream, send_many(header, payload)         1.78 GB/s   0.87 GB/s
-MemoryBIO + crypto in trio.to_thread          --          0.52 GB/s (ssl pair 0.89)
-blocking ssl, one to_thread call per recv     --          0.07 GB/s
-trio.SSLStream                                0.49 GB/s   0.47 GB/s
-============================================  ==========  ==========
+============================================  ==========  ==========  ==========
+transport                                     now         quiet       busy
+============================================  ==========  ==========  ==========
+plain TCP, blocking sockets                   4.41 GB/s   3.9 GB/s    3.1 GB/s
+blocking stdlib ssl pair (one thread each)    1.42 GB/s   1.21 GB/s   0.95 GB/s
+TLSStream (this module), send_all             1.92 GB/s   1.65 GB/s   0.94 GB/s
+TLSStream, send_many(header, payload)         1.94 GB/s   1.78 GB/s   0.87 GB/s
+MemoryBIO + crypto in trio.to_thread          --          --          0.52 GB/s (ssl pair 0.89)
+blocking ssl, one to_thread call per recv     --          --          0.07 GB/s
+trio.SSLStream                                0.45 GB/s   0.49 GB/s   0.47 GB/s
+============================================  ==========  ==========  ==========
 
-Both sides are CPU-bound (about 0.9 s of CPU per GiB each, half of it AES,
-the rest OpenSSL's record layer, BIO copies and the kernel), so on two cores
-the figure follows whatever else runs; the ratio to the blocking-ssl pair
-measured in the same run is the steadier number (75–145 % in our runs).
+Both sides are CPU-bound (send_many, 1 GiB: 0.55–0.6 s of CPU each side,
+most of it AES and OpenSSL's record layer, the rest BIO copies and the
+kernel; the blocking pair 0.75–1.0 s each side), so on
+two cores the figure follows whatever else runs; the ratio to the
+blocking-ssl pair measured in the same run is the steadier number (75–145 %
+in our runs).
 
 Why not threads: handing each operation to ``trio.to_thread`` costs more
 than it overlaps (rows 5 and 6; ``SSLSocket.recv_into`` returns one 16 KiB
