@@ -9,18 +9,26 @@ trip through the event loop. A migration channel needs >= 1.0 GB/s, so
 :class:`TLSStream` drives an ``ssl.SSLObject`` over two ``ssl.MemoryBIO`` s
 itself and amortises the loop over large chunks:
 
-* receive: one ``recv_into`` of up to 256 KiB into a preallocated buffer,
+* receive: a nonblocking read of up to 1 MiB into a preallocated buffer,
   fed to the incoming BIO, then *every* complete record is decrypted
-  straight into the caller's buffer (``receive_into``) before the next wait;
-* send: up to 256 KiB of plaintext is encrypted into the outgoing BIO in one
-  go and handed to the kernel in one ``send``; ``send_many`` puts a small
-  frame header into the same TLS record as the start of its payload (one
-  copy of at most 16 KiB) instead of joining header and payload in Python.
+  straight into the caller's buffer (``receive_into``); while that buffer is
+  not full and the socket already holds more, it reads and decrypts again
+  without going back to the event loop, and it waits (``wait_readable``) only
+  while it has nothing to deliver;
+* send: plaintext is encrypted into the outgoing BIO 256 KiB at a time and
+  each piece written straight to the socket, waiting (``wait_writable``) only
+  when the kernel's buffer is full; ``send_many`` puts a small frame header
+  into the same TLS record as the start of its payload (one copy of at most
+  16 KiB) instead of joining header and payload in Python.
 
-Everything runs on the trio thread, so cancellation is plain trio
-cancellation, nothing outlives its task, and a cancelled ``receive_*``
-leaves the stream intact (bytes are only taken from
-the socket when trio says it is readable, and go straight into the BIO). A
+Each ``send_many`` / ``receive_into`` is one trio checkpoint however many
+socket calls it makes: a trip through the event loop per 256 KiB written or
+per read cost the sender 0.53 s and the receiver 0.61 s of user CPU per GiB,
+one per call 0.44 s and 0.50 s (bench/tls.py's send_many transport, 1 GiB).  Everything runs on the trio thread, so
+cancellation is plain trio cancellation, nothing outlives its task, and a
+cancelled ``receive_*`` leaves the stream intact (bytes taken from the
+socket go straight into the BIO, and a receive only waits, and so can only
+be cancelled, while it holds nothing to deliver). A
 cancelled *send* may have put part of a record on the wire; the stream then
 refuses further sends (``trio.BrokenResourceError``), as trio's own do.
 OpenSSL releases the GIL while it encrypts, so other threads of the agent
@@ -39,24 +47,28 @@ with this side's next send.
 
 Measured with ``python bench/tls.py`` (1 GiB in 1 MiB writes, loopback, sender
 and receiver in two processes, 2 cores shared with other work, OpenSSL 3.0,
-TLS_AES_256_GCM_SHA384; best of 2, runs on a quiet and on a busy machine):
+TLS_AES_256_GCM_SHA384; best of 2).  "now": one checkpoint per call, on a
+quiet machine (load average 0.95); the two columns before it are earlier
+runs, with a trip through the event loop per 256 KiB:
 
-============================================  ==========  ==========
-transport                                     quiet       busy
-============================================  ==========  ==========
-plain TCP, blocking sockets                   3.9 GB/s    3.1 GB/s
-blocking stdlib ssl pair (one thread each)    1.21 GB/s   0.95 GB/s
-TLSStream (this module), send_all             1.65 GB/s   0.94 GB/s
-TLSStream, send_many(header, payload)         1.78 GB/s   0.87 GB/s
-MemoryBIO + crypto in trio.to_thread          --          0.52 GB/s (ssl pair 0.89)
-blocking ssl, one to_thread call per recv     --          0.07 GB/s
-trio.SSLStream                                0.49 GB/s   0.47 GB/s
-============================================  ==========  ==========
+============================================  ==========  ==========  ==========
+transport                                     now         quiet       busy
+============================================  ==========  ==========  ==========
+plain TCP, blocking sockets                   4.41 GB/s   3.9 GB/s    3.1 GB/s
+blocking stdlib ssl pair (one thread each)    1.42 GB/s   1.21 GB/s   0.95 GB/s
+TLSStream (this module), send_all             1.92 GB/s   1.65 GB/s   0.94 GB/s
+TLSStream, send_many(header, payload)         1.94 GB/s   1.78 GB/s   0.87 GB/s
+MemoryBIO + crypto in trio.to_thread          --          --          0.52 GB/s (ssl pair 0.89)
+blocking ssl, one to_thread call per recv     --          --          0.07 GB/s
+trio.SSLStream                                0.45 GB/s   0.49 GB/s   0.47 GB/s
+============================================  ==========  ==========  ==========
 
-Both sides are CPU-bound (about 0.9 s of CPU per GiB each, half of it AES,
-the rest OpenSSL's record layer, BIO copies and the kernel), so on two cores
-the figure follows whatever else runs; the ratio to the blocking-ssl pair
-measured in the same run is the steadier number (75–145 % in our runs).
+Both sides are CPU-bound (send_many, 1 GiB: 0.55–0.6 s of CPU each side,
+most of it AES and OpenSSL's record layer, the rest BIO copies and the
+kernel; the blocking pair 0.75–1.0 s each side), so on
+two cores the figure follows whatever else runs; the ratio to the
+blocking-ssl pair measured in the same run is the steadier number (75–145 %
+in our runs).
 
 Why not threads: handing each operation to ``trio.to_thread`` costs more
 than it overlaps (rows 5 and 6; ``SSLSocket.recv_into`` returns one 16 KiB
@@ -468,15 +480,39 @@ class TLSStream(trio.abc.Stream):
             self.wire_bytes_received += n
         return n
 
+    def _read_nowait(self) -> int | None:
+        """Move what the socket holds now (up to RECV_CHUNK) into the incoming BIO:
+        bytes moved (0 at EOF), or None when nothing has arrived."""
+        try:
+            n = os.readv(self._sock.fileno(), [self._rview])
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise self._broken(exc) from exc
+        if n:
+            self._in.write(self._rview[:n])
+            self.wire_bytes_received += n
+        return n
+
     async def _flush(self) -> None:
-        """Send everything OpenSSL has queued; a half-sent record breaks sending."""
+        """Send everything OpenSSL has queued; a half-sent record breaks sending.
+
+        Writes straight to the socket and waits (a trio checkpoint) only when
+        the kernel's buffer is full: callers checkpoint once per operation,
+        not once per write.
+        """
         if not self._out.pending:
             return
         data = memoryview(self._out.read())
+        fd = self._sock.fileno()
         self._send_broken = True
         try:
             while data:
-                sent = await self._sock.send(data)
+                try:
+                    sent = os.write(fd, data)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(fd)
+                    continue
                 self.wire_bytes_sent += sent
                 data = data[sent:]
         except OSError as exc:
@@ -505,16 +541,7 @@ class TLSStream(trio.abc.Stream):
     # -- sending -------------------------------------------------------------
 
     async def send_all(self, data: Buffer) -> None:
-        with self._send_guard:
-            self._check_send()
-            view = memoryview(data).cast("B")
-            if not view:
-                await trio.lowlevel.checkpoint()
-                return
-            for off in range(0, len(view), SEND_CHUNK):
-                self._encrypt(view[off : off + SEND_CHUNK])
-                await self._flush()
-            self.bytes_sent += len(view)
+        await self.send_many([data])
 
     async def send_many(self, buffers: Sequence[Buffer]) -> None:
         """Send buffers back to back, as if joined, without joining them.
@@ -524,6 +551,7 @@ class TLSStream(trio.abc.Stream):
         """
         with self._send_guard:
             self._check_send()
+            await trio.lowlevel.checkpoint_if_cancelled()
             pieces, total = _plaintext_pieces(buffers)
             if self.offload_crypto and total >= OFFLOAD_MIN:
                 async with self._crypto:
@@ -533,10 +561,8 @@ class TLSStream(trio.abc.Stream):
                     self._encrypt(piece)
                     if self._out.pending >= SEND_CHUNK:
                         await self._flush()
-            if self._out.pending:
-                await self._flush()
-            else:
-                await trio.lowlevel.checkpoint()
+            await self._flush()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             self.bytes_sent += total
 
     def _encrypt_all(self, pieces: list[Buffer]) -> None:
@@ -595,28 +621,42 @@ class TLSStream(trio.abc.Stream):
                 return 0
             await trio.lowlevel.checkpoint_if_cancelled()
             blocked = False
-            while True:
-                if self._eof:
-                    n = 0
-                elif (
+            got, want = 0, len(view)
+            while not self._eof:
+                if (
                     self.offload_crypto
+                    and not got
                     and self._in.pending >= OFFLOAD_MIN
-                    and len(view) >= OFFLOAD_MIN
+                    and want >= OFFLOAD_MIN
                 ):
+                    # Only while nothing is decrypted yet, and then return: a
+                    # thread hop is a checkpoint, and a cancel there must not
+                    # lose bytes already in the caller's buffer.
                     async with self._crypto:
-                        n = await trio.to_thread.run_sync(self._decrypt_into, view)
+                        got = await trio.to_thread.run_sync(self._decrypt_into, view)
+                    if got:
+                        break
                 else:
-                    n = self._decrypt_into(view)
-                if n or self._eof:
+                    got += self._decrypt_into(view[got:])
+                if got == want or self._eof:
                     break
-                blocked = True
-                if not await self._fill():
+                # No complete record left: take what the socket holds now, and
+                # wait for it only while there is nothing to deliver.
+                n = self._read_nowait()
+                if n is None:
+                    if got:
+                        break
+                    blocked = True
+                    await trio.lowlevel.wait_readable(self._sock.fileno())
+                elif n == 0:
+                    if got:
+                        break  # deliver first; the socket says EOF again next time
                     self._in.write_eof()
                     self._drained = False
             if not blocked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            self.bytes_received += n
-            return n
+            self.bytes_received += got
+            return got
 
     async def receive_some(self, max_bytes: int | None = None) -> bytearray:
         buf = bytearray(max_bytes or DEFAULT_RECEIVE)

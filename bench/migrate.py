@@ -1,6 +1,6 @@
 """Precopy live migration between two agent processes: throughput and downtime, beside baselines.
 
-    python bench/migrate.py [--quick] [--rounds 2]
+    python bench/migrate.py [--quick] [--rounds 2] [--sections 123]
 
 Three sections, every figure beside a baseline measured in this run:
 
@@ -250,6 +250,11 @@ def main() -> int:
         default=45,
         help="seconds before a downtime round that has not converged is cancelled",
     )
+    ap.add_argument(
+        "--sections",
+        default="123",
+        help="which sections to run, e.g. 1 for throughput only (default 123)",
+    )
     args = ap.parse_args()
     size = (256 if args.quick else 1024) * A.MIB
     rounds = args.rounds or (1 if args.quick else 2)
@@ -302,7 +307,16 @@ def main() -> int:
     )
 
     sys.stdout.flush()
-    dt = trio.run(downtime, size, rounds, args.converge_timeout)
+    if "2" in args.sections:
+        section_downtime(size, rounds, args.converge_timeout)
+    if "3" in args.sections:
+        section_multifd(size, ssl_b)
+    print(f"\n(total {time.time() - started:.0f} s; {A.machine()})")
+    return 0
+
+
+def section_downtime(size: int, rounds: int, converge_timeout: float) -> None:
+    dt = trio.run(downtime, size, rounds, converge_timeout)
     print(
         f"\n2. downtime, {size >> 20} MiB guest (fill mixed:50 %), stress:rate=50M,wss={size >> 20}M,"
         f"mode=write, default downtime-limit {dt['limit']} ms"
@@ -342,6 +356,9 @@ def main() -> int:
         print("   => no round converged: no downtime to report (MISSES the target)")
 
     sys.stdout.flush()
+
+
+def section_multifd(size: int, ssl_b: float) -> None:
     mf = trio.run(multifd_probe, size)
     print("\n3. multifd, 2 channels vs 1 (network URI)")
     if "verdict" in mf:
@@ -351,8 +368,6 @@ def main() -> int:
             f"   multifd 2 channels {mf[2]:.2f} GB/s | 1 channel {mf[1]:.2f} GB/s | x{mf[2] / mf[1]:.2f}"
             f" | {mf[2] / ssl_b:.0%} of blocking ssl"
         )
-    print(f"\n(total {time.time() - started:.0f} s; {A.machine()})")
-    return 0
 
 
 def ratio_f(a: float, b: float) -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from agents.migration import RamStats
-from agents.ram import RamReceiver, RamSender, index_runs
+from agents.ram import PageWriter, RamReceiver, RamSender, index_runs, precopy_batch_pages
 from agents.vm.ramblock import RamBlock
 
 
@@ -36,12 +37,13 @@ async def test_a_pass_left_early_keeps_every_unsent_page_pending(block):
     async def checkpoint():
         nonlocal batches
         batches += 1
-        if batches == 3:
+        if batches == 1:
             raise _Stop
 
     with pytest.raises(_Stop):
         await sender.send_pass(send, checkpoint=checkpoint)
-    assert sender.pending_pages() == block.npages - 3 * 256
+    assert sender.pending_pages() == block.npages - precopy_batch_pages(4096)
+    assert 0 < sender.pending_pages() < block.npages
 
 
 async def test_pages_sent_by_a_pass_arrive_whole(block):
@@ -93,3 +95,56 @@ def test_another_pass_is_taken_only_while_it_shrinks_downtime():
     assert not _another_pass_pays(90_000_000, 1_000_000_000, 0.6 * gb, 300, MAX_EXTRA_PASSES)
     # First measurement: nothing to compare with.
     assert not _another_pass_pays(90_000_000, None, 0.6 * gb, 300, 0)
+
+
+async def test_the_page_writer_writes_in_order_and_drain_waits_for_every_frame():
+    written: list[int] = []
+    applied: list[int] = []
+    release = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def store(n: int) -> None:
+        if n == 0:  # the first write is slow: the queue fills up behind it
+            trio.from_thread.run(release.wait, trio_token=token)
+        written.append(n)
+
+    writer = PageWriter(store, applied.append, depth=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        for n in range(2):  # the frame being written counts: the queue is full
+            await writer.put(n)
+        put_done = trio.Event()
+
+        async def put_third() -> None:
+            await writer.put(2)
+            put_done.set()
+
+        nursery.start_soon(put_third)
+        await trio.testing.wait_all_tasks_blocked()
+        assert written == [] and applied == [] and not put_done.is_set()
+        release.set()
+        await put_done.wait()
+        await writer.drain()
+        assert written == applied == [0, 1, 2]
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_page_writer_thread_ends_with_its_task_and_raises_its_errors():
+    def store(n: int) -> None:
+        if n == 1:
+            raise ValueError("bad frame")
+
+    writer = PageWriter(store, lambda n: None)
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(ValueError, match="bad frame"), flatten_subgroups=True
+    ):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            await writer.put(0)
+            await writer.put(1)
+            await trio.sleep_forever()  # the writer's error cancels this
+    writer = PageWriter(lambda n: None, lambda n: None)
+    with trio.move_on_after(0.05):
+        await writer.run()  # cancelled: returns only once its thread has
+    with pytest.raises(trio.ClosedResourceError):
+        await writer.put(0)
