@@ -491,6 +491,7 @@ class TLSStream(trio.abc.Stream):
             raise self._broken(exc) from exc
         if n:
             self._in.write(self._rview[:n])
+            self._drained = False
             self.wire_bytes_received += n
         return n
 
