@@ -107,8 +107,8 @@ class OwnedThread:
     def drain(self) -> None:
         """Run what the thread handed over with :meth:`later` (on the trio thread).
 
-        The owner calls it before any decision that needs those results (e.g.
-        "is every page here?"); otherwise it runs every ``LATER_INTERVAL``.
+        Runs every ``LATER_INTERVAL`` and once more when the thread has ended;
+        an owner that needs the results sooner may call it itself.
         """
         while self._later:
             fn, args = self._later.popleft()
