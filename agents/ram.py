@@ -37,6 +37,7 @@ from protocol.bitmap import PageBitmap
 from protocol.messages import Discard, PageBatch, Pages, Zero, ZeroBatch
 
 from .migration import RamStats
+from .threads import OwnedThread
 from .vm.ramblock import RamBlock, zero_page_mask
 
 BATCH_BYTES = 1 << 20
@@ -45,8 +46,9 @@ efficiency, small enough that a postcopy request on main waits behind at most
 one.  A 2 MiB huge page is always sent whole (it can only be placed whole)."""
 
 
-def batch_pages(page_size: int) -> int:
-    return max(1, BATCH_BYTES // page_size)
+def batch_pages(page_size: int, nbytes: int = BATCH_BYTES) -> int:
+    """Pages per frame of ``nbytes`` (at least one: a huge page goes whole)."""
+    return max(1, nbytes // page_size)
 
 
 PRECOPY_BATCH_BYTES = 4 << 20
@@ -58,10 +60,6 @@ destination's writer thread and a pwrite — is paid a quarter as often as
 with BATCH_BYTES: on the 2-core development machine the agents' user CPU for
 one 1 GiB precopy fell from 0.9-1.1 s to 0.6-0.85 s (source) and from
 0.9-0.95 s to 0.65-0.85 s (destination), per-process CPU over several runs."""
-
-
-def precopy_batch_pages(page_size: int) -> int:
-    return max(1, PRECOPY_BATCH_BYTES // page_size)
 
 
 PAGE_MESSAGES = (Pages, PageBatch, Zero, ZeroBatch)
@@ -224,7 +222,9 @@ class RamSender:
             if not bitmap.any():
                 continue
             pages = bitmap.indices().astype(np.uint64)
-            for batch in _batches(pages, precopy_batch_pages(self.blocks[index].page_size)):
+            for batch in _batches(
+                pages, batch_pages(self.blocks[index].page_size, PRECOPY_BATCH_BYTES)
+            ):
                 # Clear just before sending: a pass left early (postcopy, cancel)
                 # must leave every page it did not send in ``to_send``.
                 bitmap.clear_indices(batch)
@@ -407,10 +407,11 @@ class PageWriter:
     into the memfd (pwrite, which on this kind of machine costs as much as
     the decryption: the kernel allocates every fresh page) are independent,
     and both release the GIL.  So one long-lived worker thread, owned by the
-    :meth:`run` task, writes frame *n* while the trio thread decrypts frame
-    *n+1*.  Frames are handed over through a queue, not a ``trio.to_thread``
-    call each: a thread hand-off per MiB cost more CPU (lock, wake-up,
-    GIL hand-over, reschedule) than the overlap saved on two cores.  The
+    :meth:`run` task (an :class:`~agents.threads.OwnedThread`), writes frame
+    *n* while the trio thread decrypts frame *n+1*.  Frames are handed over
+    through a queue, not a ``trio.to_thread`` call each: a thread hand-off
+    per MiB cost more CPU (lock, wake-up, GIL hand-over, reschedule) than the
+    overlap saved on two cores.  The
     thread calls back into trio only when the trio side waits for it (a
     full queue, :meth:`drain`) or when it runs out of work.
 
@@ -436,44 +437,29 @@ class PageWriter:
         self._store = store
         self._applied = applied
         self._depth = depth
+        self._thread = OwnedThread("precopy/writer")
         self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
         self._queued: deque[Any] = deque()  # not yet written (the first may be in progress)
         self._written: deque[Any] = deque()  # written, not yet applied
-        self._stopping = False
-        self._dead = False  # the thread has left (cancelled or failed)
         self._waiter: trio.Event | None = None  # the trio side waits for the thread
-        self._token: trio.lowlevel.TrioToken | None = None
         self._collect_posted = False
 
     async def run(self) -> None:
         """The writer task: runs until cancelled (the migration's nursery owns it)."""
-        self._token = trio.lowlevel.current_trio_token()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._stop_on_cancel)
-                await trio.to_thread.run_sync(self._thread)
-                nursery.cancel_scope.cancel()
-        finally:
-            with self._lock:
-                self._dead = True
+        await self._thread.run(self._write_frames)
 
-    async def _stop_on_cancel(self) -> None:
-        try:
-            await trio.sleep_forever()
-        finally:
-            with self._lock:
-                self._stopping = True
-                self._work.notify()
+    @property
+    def _stopped(self) -> bool:
+        return self._thread.aborting or self._thread.done.is_set()
 
-    def _thread(self) -> None:
-        while True:
+    def _write_frames(self) -> None:
+        thread = self._thread
+        while not thread.should_stop():  # a cancelled owner makes it raise
             with self._lock:
-                while not self._queued and not self._stopping:
-                    self._work.wait()
-                if self._stopping:
-                    return
-                msg = self._queued[0]
+                msg = self._queued[0] if self._queued else None
+            if msg is None:
+                thread.wait_any([])  # until put() wakes it
+                continue
             self._store(msg)  # an error ends the thread; run() raises it
             with self._lock:
                 self._queued.popleft()
@@ -481,8 +467,7 @@ class PageWriter:
                 wake = self._waiter is not None or not self._queued
                 if wake and not self._collect_posted:
                     self._collect_posted = True
-                    assert self._token is not None
-                    self._token.run_sync_soon(self._collect)
+                    thread.call_soon(self._collect)
 
     def _collect(self) -> None:
         """On the trio thread: apply what is written; wake a waiting put/drain."""
@@ -499,7 +484,7 @@ class PageWriter:
         while True:
             self._collect()
             with self._lock:
-                if done() or self._dead:
+                if done() or self._stopped:
                     return
                 self._waiter = waiter = trio.Event()
             await waiter.wait()
@@ -511,10 +496,10 @@ class PageWriter:
         if len(self._queued) >= self._depth:
             await self._wait(lambda: len(self._queued) < self._depth)
         with self._lock:
-            if self._dead or self._stopping:
+            if self._stopped:
                 raise trio.ClosedResourceError("the page writer has stopped")
             self._queued.append(msg)
-            self._work.notify()
+        self._thread.wake()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def drain(self) -> None:

@@ -122,6 +122,10 @@ class OwnedThread:
         self.stopping = True
         self._poke()
 
+    def wake(self) -> None:
+        """Make the thread's current (or next) ``wait_any`` return."""
+        self._poke()
+
     def post(self, work: Callable[[], Any]) -> None:
         """Have the thread run ``work`` between messages (it owns the channels now)."""
         self._posted.append(work)

@@ -24,8 +24,8 @@ itself and amortises the loop over large chunks:
 Each ``send_many`` / ``receive_into`` is one trio checkpoint however many
 socket calls it makes: a trip through the event loop per 256 KiB written or
 per read cost the sender 0.53 s and the receiver 0.61 s of user CPU per GiB,
-one per call 0.44 s and 0.50 s (bench/tls.py's send_many transport, 1 GiB).  Everything runs on the trio thread, so
-cancellation is plain trio cancellation, nothing outlives its task, and a
+one per call 0.44 s and 0.50 s (bench/tls.py's send_many transport, 1 GiB).
+Everything runs on the trio thread, so cancellation is plain trio cancellation, nothing outlives its task, and a
 cancelled ``receive_*`` leaves the stream intact (bytes taken from the
 socket go straight into the BIO, and a receive only waits, and so can only
 be cancelled, while it holds nothing to deliver). A
@@ -427,8 +427,7 @@ class TLSStream(trio.abc.Stream):
                 break
             except ssl.SSLWantReadError:
                 await self._flush()
-                if not await self._fill():
-                    self._in.write_eof()
+                await self._fill()
             except ssl.SSLError as exc:
                 # Let the peer read our alert (unknown ca, bad certificate...)
                 # so its error says why, but never wait long for it.
@@ -468,32 +467,24 @@ class TLSStream(trio.abc.Stream):
 
     # -- raw socket I/O ------------------------------------------------------
 
-    async def _fill(self) -> int:
-        """Move whatever the socket has (up to RECV_CHUNK) into the incoming BIO."""
+    async def _fill(self) -> None:
+        """Handshake: wait for what the socket has (up to RECV_CHUNK), into the BIO."""
         try:
             n = await self._sock.recv_into(self._rview)
         except OSError as exc:
             raise self._broken(exc) from exc
-        if n:
-            self._in.write(self._rview[:n])
-            self._drained = False
-            self.wire_bytes_received += n
-        return n
+        self._into_bio(n)
 
-    def _read_nowait(self) -> int | None:
-        """Move what the socket holds now (up to RECV_CHUNK) into the incoming BIO:
-        bytes moved (0 at EOF), or None when nothing has arrived."""
-        try:
-            n = os.readv(self._sock.fileno(), [self._rview])
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            raise self._broken(exc) from exc
+    def _into_bio(self, n: int) -> None:
+        """``n`` bytes just read into ``_rview`` go to OpenSSL (0: the socket's EOF).
+        The one place the incoming BIO is fed, so OpenSSL is never thought
+        drained while it has bytes to decrypt."""
         if n:
             self._in.write(self._rview[:n])
-            self._drained = False
             self.wire_bytes_received += n
-        return n
+        else:
+            self._in.write_eof()
+        self._drained = False
 
     async def _flush(self) -> None:
         """Send everything OpenSSL has queued; a half-sent record breaks sending.
@@ -643,17 +634,16 @@ class TLSStream(trio.abc.Stream):
                     break
                 # No complete record left: take what the socket holds now, and
                 # wait for it only while there is nothing to deliver.
-                n = self._read_nowait()
+                n = _read_some(self._sock.fileno(), self._rview, None, self._broken)
                 if n is None:
                     if got:
                         break
                     blocked = True
                     await trio.lowlevel.wait_readable(self._sock.fileno())
-                elif n == 0:
-                    if got:
-                        break  # deliver first; the socket says EOF again next time
-                    self._in.write_eof()
-                    self._drained = False
+                elif n or not got:  # at EOF, deliver first: the socket says EOF again
+                    self._into_bio(n)
+                else:
+                    break
             if not blocked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             self.bytes_received += got
@@ -698,12 +688,7 @@ class TLSStream(trio.abc.Stream):
                 )
                 if got is None:
                     return None
-                self._drained = False
-                if got:
-                    self._in.write(self._rview[:got])
-                    self.wire_bytes_received += got
-                else:
-                    self._in.write_eof()
+                self._into_bio(got)
 
     # -- closing ---------------------------------------------------------------
 

@@ -8,7 +8,14 @@ import trio
 import trio.testing
 
 from agents.migration import RamStats
-from agents.ram import PageWriter, RamReceiver, RamSender, index_runs, precopy_batch_pages
+from agents.ram import (
+    PRECOPY_BATCH_BYTES,
+    PageWriter,
+    RamReceiver,
+    RamSender,
+    batch_pages,
+    index_runs,
+)
 from agents.vm.ramblock import RamBlock
 
 
@@ -42,7 +49,7 @@ async def test_a_pass_left_early_keeps_every_unsent_page_pending(block):
 
     with pytest.raises(_Stop):
         await sender.send_pass(send, checkpoint=checkpoint)
-    assert sender.pending_pages() == block.npages - precopy_batch_pages(4096)
+    assert sender.pending_pages() == block.npages - batch_pages(4096, PRECOPY_BATCH_BYTES)
     assert 0 < sender.pending_pages() < block.npages
 
 
