@@ -39,8 +39,6 @@ import signal
 import socket
 import stat
 import struct
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +63,7 @@ from agents.vm.orphans import (
 )
 from agents.vm.postcopy import UffdPlacer
 from agents.vm.ramblock import RamBlock
-from agents.vm.spares import SparePool
+from agents.vm.spares import SparePool, spawn_guest_process
 from agents.vm.workloads import parse_size, parse_workload
 
 HELLO_TIMEOUT = 30.0
@@ -374,31 +372,12 @@ class Guest:
 
     async def _spawn_cold(self, config: dict[str, Any], *, start_new_session: bool) -> None:
         """Start ``python -m agents.vm.guest_main`` for this guest (120–180 ms of imports)."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for s in (parent, child):
-            ctl.set_buffers(s)
-        try:
-            self.process = await trio.lowlevel.open_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "agents.vm.guest_main",
-                    "--ctl",
-                    str(child.fileno()),
-                    "--config",
-                    json.dumps(config),
-                ],
-                pass_fds=[child.fileno(), *(b.fd for b in self.blocks)],
-                stdin=subprocess.DEVNULL,
-                # A guest that outlives us must not get the signals a terminal sends our group.
-                start_new_session=start_new_session,
-            )
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        self._sock = trio.socket.from_stdlib_socket(parent)
+        self.process, self._sock = await spawn_guest_process(
+            ["--config", json.dumps(config)],
+            [b.fd for b in self.blocks],
+            # A guest that outlives us must not get the signals a terminal sends our group.
+            start_new_session=start_new_session,
+        )
 
     async def _recv_hello(self) -> tuple[dict[str, Any], list[int]]:
         assert self._sock is not None

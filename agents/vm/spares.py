@@ -30,7 +30,7 @@ import logging
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,30 @@ log = logging.getLogger("godwit.spares")
 HELLO_TIMEOUT = 30.0
 RETRY_AFTER = 5.0
 """A spare that failed to start is tried again this much later (not in a tight loop)."""
+
+
+async def spawn_guest_process(
+    args: list[str], pass_fds: Sequence[int] = (), *, start_new_session: bool = False
+) -> tuple[trio.Process, trio.socket.SocketType]:
+    """Start ``python -m agents.vm.guest_main --ctl FD *args`` and return it with the
+    agent's end of its control socket: how every guest process starts, cold
+    (``Guest``) or ahead (a spare)."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (parent, child):
+        ctl.set_buffers(s)
+    try:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "agents.vm.guest_main", "--ctl", str(child.fileno()), *args],
+            pass_fds=[child.fileno(), *pass_fds],
+            stdin=subprocess.DEVNULL,
+            start_new_session=start_new_session,
+        )
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    return process, trio.socket.from_stdlib_socket(parent)
 
 
 class Spare:
@@ -60,28 +84,8 @@ class Spare:
     @classmethod
     async def start(cls) -> Spare:
         """Spawn a spare and wait until it says it is ready (its imports are done)."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for s in (parent, child):
-            ctl.set_buffers(s)
-        try:
-            process = await trio.lowlevel.open_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "agents.vm.guest_main",
-                    "--ctl",
-                    str(child.fileno()),
-                    "--spare",
-                ],
-                pass_fds=[child.fileno()],
-                stdin=subprocess.DEVNULL,
-            )
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        spare = cls(process, trio.socket.from_stdlib_socket(parent))
+        process, sock = await spawn_guest_process(["--spare"])
+        spare = cls(process, sock)
         try:
             with trio.fail_after(HELLO_TIMEOUT):
                 data = await spare.sock.recv(ctl.MAX_MESSAGE)
