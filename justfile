@@ -14,7 +14,7 @@ test *ARGS:
 
 # Soak tests (long repeated cut/recover and similar).
 test-slow *ARGS:
-    {{python}} -m pytest -m slow {{ARGS}}
+    {{python}} -m pytest -m slow --timeout 3600 {{ARGS}}
 
 # ruff (style, bugs) and mypy (strict on protocol/).
 lint:
