@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         "runs without waiting for Python to start (default 1; 0 for none)",
     )
     p.add_argument(
+        "--ram-path",
+        type=Path,
+        metavar="DIR",
+        help="guest RAM as files on this tmpfs instead of memfds (QEMU's -mem-path); "
+        "mounted with huge=within_size, guests get transparent huge pages",
+    )
+    p.add_argument(
         "--config", type=Path, metavar="FILE", help="TOML file with the same keys; flags win"
     )
     p.add_argument(
@@ -266,7 +273,16 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     config = AgentConfig.from_toml(args.config) if args.config else AgentConfig()
-    for key in ("name", "listen", "control", "control_tls", "pki", "state_dir", "spare_guests"):
+    for key in (
+        "name",
+        "listen",
+        "control",
+        "control_tls",
+        "pki",
+        "state_dir",
+        "spare_guests",
+        "ram_path",
+    ):
         value = getattr(args, key)
         if value is not None:
             setattr(config, key, value)
@@ -279,6 +295,14 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         )
     if config.control is None and config.control_tls is None:
         config.control = Path(DEFAULT_AGENT)
+    if config.ram_path is not None:
+        from .vm.ramblock import ram_path_mount
+
+        try:
+            ram_path_mount(config.ram_path)
+        except ValueError as exc:
+            print(f"godwit agent: {exc}", file=sys.stderr)
+            return 2
     trio.run(run_agent, config)
     return 0
 

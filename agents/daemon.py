@@ -48,7 +48,7 @@ from .source import OutgoingMigration
 from .transport import Transport, pki_identity, serve_migrations
 from .vm import verify
 from .vm.guest import Guest, GuestSpec
-from .vm.ramblock import RamBlock
+from .vm.ramblock import RamBlock, ram_path_mount
 from .vm.spares import SparePool
 
 log = logging.getLogger("godwit.agent")
@@ -67,6 +67,9 @@ class AgentConfig:
     spare_guests: int = 1
     """Guest processes started ahead (vm/spares.py): a restore's or an incoming guest's
     process is ready in a few ms instead of ~150 ms of interpreter start."""
+    ram_path: Path | None = None
+    """A tmpfs directory for guest RAM (QEMU's ``-mem-path``) instead of memfds;
+    mounted with ``huge=within_size`` it gives guests transparent huge pages."""
 
     @classmethod
     def from_toml(cls, path: Path) -> AgentConfig:
@@ -82,6 +85,7 @@ class AgentConfig:
             "state-dir",
             "insecure-plaintext",
             "spare-guests",
+            "ram-path",
         }
         unknown = set(data) - known
         if unknown:
@@ -91,7 +95,7 @@ class AgentConfig:
         config = cls()
         for key, value in data.items():
             attr = key.replace("-", "_")
-            if attr in ("control", "pki", "state_dir"):
+            if attr in ("control", "pki", "state_dir", "ram_path"):
                 value = Path(value)
             setattr(config, attr, value)
         return config
@@ -151,6 +155,18 @@ class GuestEntry:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        if config.ram_path is not None:
+            point, options = ram_path_mount(config.ram_path)  # refused here, not at a guest
+            huge = [o for o in options.split(",") if o.startswith("huge=")]
+            log.info(
+                "guest RAM on %s (tmpfs at %s, %s)", config.ram_path, point, huge or "huge=never"
+            )
+            if not huge or huge == ["huge=never"]:
+                log.warning(
+                    "ram-path %s: tmpfs without huge pages; mount it with huge=within_size "
+                    "for transparent huge pages",
+                    config.ram_path,
+                )
         identity = pki_identity(config.pki, config.name) if config.pki else None
         self.transport = Transport(identity, config.insecure_plaintext)
         self.events = EventBus()
@@ -307,7 +323,10 @@ class Agent:
         if existing is not None and existing.status not in ("migrated", "exited"):
             raise ValueError(f"a guest named '{spec.name}' already exists on {self.config.name}")
         blocks = [
-            RamBlock.create(b.name, b.size, hugetlb=b.page_size > 4096) for b in config.ramblocks
+            RamBlock.create(
+                b.name, b.size, hugetlb=b.page_size > 4096, directory=self.config.ram_path
+            )
+            for b in config.ramblocks
         ]
         try:
             guest = await Guest.start_incoming(
@@ -422,7 +441,9 @@ class Agent:
             seed=args.get("seed", 1),
             hugetlb=args.get("hugetlb", False),
         )
-        guest = await Guest.start(spec, state_dir=self.config.state_dir, spares=self.spares)
+        guest = await Guest.start(
+            spec, state_dir=self.config.state_dir, spares=self.spares, ram_path=self.config.ram_path
+        )
         if args.get("paused"):
             await guest.stop()
         entry = GuestEntry(name, spec, guest, status="paused" if args.get("paused") else "running")

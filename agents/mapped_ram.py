@@ -913,6 +913,7 @@ def _prepare(
     direct_io: bool,
     marks: dict[str, float],
     t0: float,
+    ram_path: str | os.PathLike[str] | None,
 ) -> tuple[SavedFile, list[RamBlock], _Reader]:
     """Validate the file, make the guest's memfds and open the reader (one thread hop)."""
     saved = read_saved_file(path, expect_layout=expect_layout)
@@ -920,7 +921,9 @@ def _prepare(
     blocks: list[RamBlock] = []
     try:
         for name, size in saved.spec.layout():
-            blocks.append(RamBlock.create(name, size, hugetlb=saved.spec.hugetlb))
+            blocks.append(
+                RamBlock.create(name, size, hugetlb=saved.spec.hugetlb, directory=ram_path)
+            )
         reader = _Reader(saved, blocks, direct_io)
     except BaseException:
         for b in blocks:
@@ -943,6 +946,7 @@ async def restore_guest(
     timings: dict[str, float] | None = None,
     spares: SparePool | None = None,
     state_dir: str | os.PathLike[str] | None = None,
+    ram_path: str | os.PathLike[str] | None = None,
     task_status: trio.TaskStatus[Guest] = trio.TASK_STATUS_IGNORED,
 ) -> Guest:
     """Bring the guest saved in ``path`` back; returns it when every page is in place.
@@ -952,7 +956,8 @@ async def restore_guest(
     ``autostart=False`` loads devices but leaves the vCPUs stopped.
     ``spares``: a ready spare guest process becomes the guest, if the pool
     has one (no interpreter start on the critical path); ``state_dir``: the
-    guest outlives the agent, as guests started there do.
+    guest outlives the agent, as guests started there do; ``ram_path``: its
+    RAM on that tmpfs (RamBlock.create).
     ``timings`` (if given) receives seconds since the call: ``validated``,
     ``memory`` (memfds made), ``guest-ready`` (process up), ``devices``
     (loaded), ``running`` (vCPUs released) and ``complete``.
@@ -968,7 +973,7 @@ async def restore_guest(
     reader: _Reader | None = None
     try:
         saved, blocks, rd = await trio.to_thread.run_sync(
-            _prepare, path, expect_layout, direct_io, marks, t0
+            _prepare, path, expect_layout, direct_io, marks, t0, ram_path
         )
         reader = rd  # closed in ``finally``; ``rd`` is the same, never None
         spec = saved.spec
@@ -1225,6 +1230,7 @@ async def qmp_file_restore(agent: Agent, args: dict[str, Any]) -> dict[str, Any]
                             state=st,
                             spares=agent.spares,
                             state_dir=agent.config.state_dir,
+                            ram_path=agent.config.ram_path,
                         )
                     )
                     entry.guest = guest

@@ -23,8 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,18 +213,21 @@ class Pair:
 
 
 @asynccontextmanager
-async def agent_pair(prefix: str, *, both_listen: bool = False) -> AsyncIterator[Pair]:
+async def agent_pair(
+    prefix: str, *, both_listen: bool = False, extra: Iterable[str] = ()
+) -> AsyncIterator[Pair]:
     """A fresh PKI and two agents (source, destination) in a temporary directory.
 
     ``both_listen``: the source listens too, so a guest can be migrated back
-    (a second measurement without paying for a second fill)."""
+    (a second measurement without paying for a second fill).  ``extra``:
+    more ``godwit agent`` flags for both."""
     workdir = Path(tempfile.mkdtemp(prefix=f"godwit-{prefix}-"))
     ok = False
     try:
         make_pki(workdir)
         async with (
-            agent_process(workdir, "source", listen=both_listen) as src,
-            agent_process(workdir, "destination", listen=True) as dst,
+            agent_process(workdir, "source", listen=both_listen, extra=extra) as src,
+            agent_process(workdir, "destination", listen=True, extra=extra) as dst,
         ):
             port = (await dst.client.execute("migrate-incoming", {"uri": "defer"}))["port"]
             back = 0
@@ -240,6 +243,31 @@ async def agent_pair(prefix: str, *, both_listen: bool = False) -> AsyncIterator
                         print(f"--- {a.name} agent log (tail) ---\n{a.log_tail()}", file=sys.stderr)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def huge_tmpfs(size: int) -> Iterator[tuple[Path | None, str]]:
+    """A private tmpfs mounted with huge=within_size for ``--ram-path`` (needs root):
+    (directory, "") or (None, why not)."""
+    if os.geteuid() != 0:
+        yield None, "not root: cannot mount a tmpfs"
+        return
+    d = Path(tempfile.mkdtemp(prefix="godwit-bench-ram-"))
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"huge=within_size,size={size},mode=0700", "tmpfs", d],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            yield None, f"mount failed: {done.stderr.strip()}"
+            return
+        try:
+            yield d, ""
+        finally:
+            subprocess.run(["umount", d], check=False)
+    finally:
+        d.rmdir()
 
 
 # ---------------------------------------------------------------- guests and migrations

@@ -233,17 +233,19 @@ class Guest:
         *,
         state_dir: str | os.PathLike[str] | None = None,
         spares: SparePool | None = None,
+        ram_path: str | os.PathLike[str] | None = None,
     ) -> Guest:
         """A fresh guest: new RAM blocks, filled per spec, vCPUs running.
 
         With ``state_dir`` the guest outlives this agent (see the module
         docstring); a live guest of the same name there is refused.  With
         ``spares`` a ready spare process becomes the guest (spares.py), if
-        the pool has one; otherwise the process is started here.
+        the pool has one; otherwise the process is started here.  With
+        ``ram_path`` its RAM lives on that tmpfs (RamBlock.create).
         """
         spec.validate()
         paths = cls._claim_paths(spec, state_dir)
-        blocks = cls._create_blocks(spec)
+        blocks = cls._create_blocks(spec, ram_path)
         try:
             await trio.to_thread.run_sync(cls._fill, spec, blocks)
             guest = cls(spec, blocks)
@@ -263,6 +265,7 @@ class Guest:
         *,
         state_dir: str | os.PathLike[str] | None = None,
         spares: SparePool | None = None,
+        ram_path: str | os.PathLike[str] | None = None,
     ) -> Guest:
         """A destination guest: RAM arrives later, vCPUs wait for ``cont``.
 
@@ -273,7 +276,7 @@ class Guest:
         spec.validate()
         paths = cls._claim_paths(spec, state_dir)
         own = blocks is None
-        blocks = cls._create_blocks(spec) if blocks is None else blocks
+        blocks = cls._create_blocks(spec, ram_path) if blocks is None else blocks
         guest = cls(spec, blocks)
         try:
             await guest._spawn("postcopy" if postcopy else "incoming", paths, spares)
@@ -305,11 +308,11 @@ class Guest:
         return sock, rec_path
 
     @staticmethod
-    def _create_blocks(spec: GuestSpec) -> list[RamBlock]:
+    def _create_blocks(spec: GuestSpec, ram_path: str | os.PathLike[str] | None) -> list[RamBlock]:
         blocks: list[RamBlock] = []
         try:
             for name, size in spec.layout():
-                blocks.append(RamBlock.create(name, size, hugetlb=spec.hugetlb))
+                blocks.append(RamBlock.create(name, size, hugetlb=spec.hugetlb, directory=ram_path))
         except BaseException:
             for b in blocks:
                 b.close()

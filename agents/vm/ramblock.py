@@ -33,6 +33,33 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _fallocate.restype = ctypes.c_int
 
 
+def ram_path_mount(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """(mount point, options) of the tmpfs holding ``path``, for ``ram-path``.
+
+    Guest RAM must be shmem: userfaultfd's missing mode (postcopy) and the
+    write-protect dirty log work on shmem and hugetlbfs, not on a disk file,
+    so anything but a tmpfs directory is refused here, before a guest exists.
+    """
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise ValueError(f"ram-path {path}: not a directory")
+    best: tuple[str, str, str] | None = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, point, fstype, options, *_ = line.split()
+            point = point.replace("\\040", " ")
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and (best is None or len(point) >= len(best[0])):
+                best = (point, fstype, options)
+    if best is None or best[1] != "tmpfs":
+        kind = best[1] if best else "unknown"
+        raise ValueError(
+            f"ram-path {path}: on a {kind} file system, not tmpfs; guest RAM must be "
+            "shmem for userfaultfd (mount -t tmpfs -o huge=within_size tmpfs DIR)"
+        )
+    return best[0], best[2]
+
+
 def free_huge_pages() -> int:
     """2 MiB huge pages free for new reservations (free minus already reserved)."""
     try:
@@ -77,8 +104,23 @@ class RamBlock:
         self.closed = False
 
     @classmethod
-    def create(cls, name: str, size: int, *, hugetlb: bool = False) -> RamBlock:
-        """A fresh zero-filled block; hugetlb needs 2 MiB pages reserved beforehand."""
+    def create(
+        cls,
+        name: str,
+        size: int,
+        *,
+        hugetlb: bool = False,
+        directory: str | os.PathLike[str] | None = None,
+    ) -> RamBlock:
+        """A fresh zero-filled block; hugetlb needs 2 MiB pages reserved beforehand.
+
+        ``directory`` (the agent's ``ram-path``, QEMU's ``-mem-path``): an
+        unnamed file on that tmpfs instead of a memfd.  A tmpfs mounted with
+        ``huge=within_size`` backs it with 2 MiB transparent huge pages, which
+        memfds get only where the host's shmem_enabled allows: writing fresh
+        guest memory then costs a quarter of the CPU (bench/migrate.py).
+        Ignored for hugetlb blocks, which are always memfds.
+        """
         page_size = HUGE_PAGE_SIZE if hugetlb else SMALL_PAGE_SIZE
         if size <= 0 or size % page_size:
             raise ValueError(
@@ -94,7 +136,10 @@ class RamBlock:
                     f"reserve them with `echo N > /proc/sys/vm/nr_hugepages` as root"
                 )
             flags |= MFD_HUGETLB | MFD_HUGE_2MB
-        fd = os.memfd_create(f"godwit:{name}", flags)
+        if directory is not None and not hugetlb:
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        else:
+            fd = os.memfd_create(f"godwit:{name}", flags)
         try:
             os.ftruncate(fd, size)
             return cls(name, size, page_size, fd)

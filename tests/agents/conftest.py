@@ -56,11 +56,15 @@ class RunningAgent:
 
 @asynccontextmanager
 async def running_agent(
-    tmp: Path, pki_dir: Path, name: str, *, listen: bool = True
+    tmp: Path, pki_dir: Path, name: str, *, listen: bool = True, ram_path: Path | None = None
 ) -> AsyncIterator[RunningAgent]:
     sock = tmp / f"{name}.sock"
     config = AgentConfig(
-        name=name, control=sock, pki=pki_dir, listen="127.0.0.1:0" if listen else None
+        name=name,
+        control=sock,
+        pki=pki_dir,
+        listen="127.0.0.1:0" if listen else None,
+        ram_path=ram_path,
     )
     agent = Agent(config)
     async with trio.open_nursery() as nursery:
