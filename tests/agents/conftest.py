@@ -109,3 +109,26 @@ async def pair(short_tmp: Path, pki_dir: Path) -> AsyncIterator[tuple[RunningAge
 def needs_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (userfaultfd on shmem, PAGEMAP_SCAN of another process)")
+
+
+async def set_caps(client, **caps):
+    await client.execute(
+        "migrate-set-capabilities",
+        {"guest": "vm1", "capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+    )
+
+
+async def start_postcopy_migration(
+    src, dst, *, memory="64M", workload="counter", preempt=False, **caps
+):
+    """guest-start vm1 on ``src``, a slow precopy to ``dst``, then the switch to postcopy."""
+    await src.client.execute(
+        "guest-start", {"name": "vm1", "memory": memory, "workload": workload, "fill": "mixed:60%"}
+    )
+    await set_caps(src.client, **{"postcopy-ram": True, "postcopy-preempt": preempt, **caps})
+    # Slow precopy so that postcopy has most of the work to do.
+    await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 8 << 20})
+    await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
+    await src.client.wait_status("vm1", {"active"}, timeout=30, poll=0.02)
+    await trio.sleep(0.3)
+    await src.client.execute("migrate-start-postcopy", {"guest": "vm1"})

@@ -11,36 +11,15 @@ import os
 
 import pytest
 import trio
+from conftest import set_caps, start_postcopy_migration
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (userfaultfd, PAGEMAP_SCAN)")
-
-
-async def _caps(client, **caps):
-    await client.execute(
-        "migrate-set-capabilities",
-        {"guest": "vm1", "capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
-    )
-
-
-async def _start_postcopy_migration(
-    src, dst, *, memory="64M", workload="counter", preempt=False, **caps
-):
-    await src.client.execute(
-        "guest-start", {"name": "vm1", "memory": memory, "workload": workload, "fill": "mixed:60%"}
-    )
-    await _caps(src.client, **{"postcopy-ram": True, "postcopy-preempt": preempt, **caps})
-    # Slow precopy so that postcopy has most of the work to do.
-    await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 8 << 20})
-    await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
-    await src.client.wait_status("vm1", {"active"}, timeout=30, poll=0.02)
-    await trio.sleep(0.3)
-    await src.client.execute("migrate-start-postcopy", {"guest": "vm1"})
 
 
 @pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
 async def test_counter_guest_completes_by_postcopy_and_the_check_holds(pair, preempt):
     src, dst = pair
-    await _start_postcopy_migration(src, dst, preempt=preempt)
+    await start_postcopy_migration(src, dst, preempt=preempt)
     info = await src.client.wait_status(
         "vm1", {"completed", "failed", "postcopy-paused"}, timeout=120
     )
@@ -63,7 +42,7 @@ async def test_counter_guest_completes_by_postcopy_and_the_check_holds(pair, pre
 @pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
 async def test_read_only_guest_memory_equals_the_source_at_switchover(pair, preempt):
     src, dst = pair
-    await _start_postcopy_migration(
+    await start_postcopy_migration(
         src,
         dst,
         memory="96M",
@@ -84,7 +63,7 @@ async def test_read_only_guest_memory_equals_the_source_at_switchover(pair, pree
 async def test_a_destination_that_cannot_load_devices_lets_the_source_resume(pair):
     src, dst = pair
     dst.agent.test_hooks["fail-device-load"] = True
-    await _start_postcopy_migration(src, dst)
+    await start_postcopy_migration(src, dst)
     info = await src.client.wait_status(
         "vm1", {"completed", "failed", "postcopy-paused"}, timeout=60
     )
@@ -102,7 +81,7 @@ async def test_a_lost_page_is_caught_by_verification(pair):
     src, dst = pair
     dst.agent.test_hooks["drop-page"] = (0, 1000)
     await dst.client.execute("migrate-incoming", {"uri": "defer", "autostart": False})
-    await _start_postcopy_migration(src, dst, workload="idle", **{"x-switchover-digest": True})
+    await start_postcopy_migration(src, dst, workload="idle", **{"x-switchover-digest": True})
     info = await src.client.wait_status(
         "vm1", {"completed", "failed", "postcopy-paused"}, timeout=120
     )
@@ -126,7 +105,7 @@ async def test_postcopy_after_a_dirty_sync_discards_every_stale_page(pair, preem
         # dirtied again before the switch (a fast one rewrites everything each time).
         {"name": "vm1", "memory": "32M", "workload": "counter:rate=8M", "fill": "mixed:60%"},
     )
-    await _caps(src.client, **{"postcopy-ram": True, "postcopy-preempt": preempt})
+    await set_caps(src.client, **{"postcopy-ram": True, "postcopy-preempt": preempt})
     await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 32 << 20})
     await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
     with trio.fail_after(60):
@@ -155,7 +134,7 @@ async def test_a_late_duplicate_page_never_overwrites_what_the_guest_wrote(pair)
     src, dst = pair
     src.agent.test_hooks["late-duplicate"] = 0.3  # after COMPLETE
     dst.agent.test_hooks["delay-shut"] = 1.5  # hold the window open past it
-    await _start_postcopy_migration(src, dst, memory="32M")
+    await start_postcopy_migration(src, dst, memory="32M")
     info = await src.client.wait_status(
         "vm1", {"completed", "failed", "postcopy-paused"}, timeout=120
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import running_agent
+from conftest import running_agent, set_caps, start_postcopy_migration
 
 from agents.vm.ramblock import ram_path_mount
 
@@ -61,13 +61,6 @@ async def huge_pair(short_tmp: Path, pki_dir: Path):
             yield src, dst, src_ram, dst_ram
 
 
-async def _caps(client, **caps):
-    await client.execute(
-        "migrate-set-capabilities",
-        {"guest": "vm1", "capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
-    )
-
-
 async def test_precopy_of_a_writing_guest_on_huge_pages_arrives_whole(huge_pair):
     src, dst, src_ram, dst_ram = huge_pair
     await dst.client.execute("migrate-incoming", {"uri": "defer", "autostart": False})
@@ -83,7 +76,7 @@ async def test_precopy_of_a_writing_guest_on_huge_pages_arrives_whole(huge_pair)
     # The RAM is on the source's tmpfs (a memfd would leave it empty).
     assert used(src_ram) >= 128 << 20
     assert used(dst_ram) == 0
-    await _caps(src.client, **{"x-switchover-digest": True})
+    await set_caps(src.client, **{"x-switchover-digest": True})
     await src.client.execute("migrate-set-parameters", {"guest": "vm1", "downtime-limit": 20_000})
     await trio.sleep(0.3)
     await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
@@ -99,15 +92,7 @@ async def test_precopy_of_a_writing_guest_on_huge_pages_arrives_whole(huge_pair)
 @pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
 async def test_postcopy_onto_huge_pages_keeps_the_counter_whole(huge_pair, preempt):
     src, dst, _, dst_ram = huge_pair
-    await src.client.execute(
-        "guest-start", {"name": "vm1", "memory": "64M", "workload": "counter", "fill": "mixed:60%"}
-    )
-    await _caps(src.client, **{"postcopy-ram": True, "postcopy-preempt": preempt})
-    await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 8 << 20})
-    await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
-    await src.client.wait_status("vm1", {"active"}, timeout=30, poll=0.02)
-    await trio.sleep(0.3)
-    await src.client.execute("migrate-start-postcopy", {"guest": "vm1"})
+    await start_postcopy_migration(src, dst, preempt=preempt)
     info = await src.client.wait_status(
         "vm1", {"completed", "failed", "postcopy-paused"}, timeout=120
     )
