@@ -456,17 +456,14 @@ class IncomingMigration:
                     raise ProtocolError(
                         f"unexpected {type(msg).__name__} on preempt", channel=preempt.name
                     )
-                if not ram.sealed:
-                    ram.store(msg, placer)  # UFFDIO_COPY: the vCPU runs again from here
-                with self.ram_lock:
-                    count = ram.apply(msg, stored=True)
+                count = ram.place(msg, placer, self.ram_lock)
                 thread.later(self._account, isinstance(msg, (Pages, PageBatch)), count)
             ready = thread.wait_any(watch)
             if ready.get(uffd, 0) & (POLLERR | POLLHUP):
                 raise GuestGone("the guest's userfaultfd hung up: the guest process is gone")
             if uffd in ready:
                 with self.ram_lock:
-                    requests = faults.take_faults(placer.read_faults())
+                    requests = faults.take_faults(placer.read_fault_pages())
                 for request in requests:
                     ret.thread_send(request, thread.wait)
             readable = preempt_fd in ready

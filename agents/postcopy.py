@@ -129,7 +129,7 @@ class FaultService:
 
     # -- faults ----------------------------------------------------------------
 
-    def take_faults(self, faults: np.ndarray) -> list[ReqPages]:
+    def take_faults(self, faults: list[tuple[int, int]]) -> list[ReqPages]:
         """The requests a batch of faults needs: one per page not already asked for.
 
         A page received as zero in precopy and never written is a hole in the
@@ -137,8 +137,7 @@ class FaultService:
         """
         now = time.monotonic_ns()
         requests = []
-        # A handful of faults per read: plain Python beats numpy's set-up here.
-        for block, page in dict.fromkeys(map(tuple, faults.tolist())):
+        for block, page in dict.fromkeys(faults):  # a page faulted twice is asked once
             self.faults += 1
             if self.received[block].test(page):
                 self.placer.zeropage(block, page, 1)

@@ -27,6 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -604,6 +605,18 @@ class RamReceiver:
         Once ``sealed``, nothing is applied: the pages count as late duplicates.
         """
         block, pages = self._pages_of(msg)
+        return self._record(msg, block, pages, stored=stored)
+
+    def place(self, msg: Any, placer: Any, lock: AbstractContextManager[Any]) -> int:
+        """Postcopy's fault thread: :meth:`store` then :meth:`apply` under ``lock``,
+        checking the message once (this is on every request's round trip)."""
+        block, pages = self._pages_of(msg)
+        if not self.sealed:
+            self._store(msg, block, pages, placer)  # UFFDIO_COPY: the vCPU runs again
+        with lock:
+            return self._record(msg, block, pages, stored=True)
+
+    def _record(self, msg: Any, block: RamBlock, pages: np.ndarray, *, stored: bool) -> int:
         if self.sealed:
             self.late_duplicates += len(pages)
             return 0

@@ -58,6 +58,7 @@ class OwnedThread:
         """Set once :meth:`run` has returned (the thread is gone)."""
         self._token: trio.lowlevel.TrioToken | None = None
         self._later: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._pollers: dict[tuple[tuple[int, int], ...], select.poll] = {}
 
     # -- from trio ---------------------------------------------------------------
 
@@ -187,10 +188,13 @@ class OwnedThread:
         A poke returns early (possibly with nothing ready) so the loop can run
         posted work or stop; an abort raises :class:`ThreadAborted`.
         """
-        poller = select.poll()
-        poller.register(self._wake, READ)
-        for fd, events in fds:
-            poller.register(fd, events)
+        key = tuple(fds)
+        poller = self._pollers.get(key)
+        if poller is None:  # one poll object per set of fds: a request's path reuses them
+            poller = self._pollers[key] = select.poll()
+            poller.register(self._wake, READ)
+            for fd, events in fds:
+                poller.register(fd, events)
         ready: dict[int, int] = {}
         for fd, revents in poller.poll():
             if fd == self._wake:
