@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         "mounted with huge=within_size, guests get transparent huge pages",
     )
     p.add_argument(
+        "--pm-qos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="while a postcopy runs, ask the kernel for zero CPU wake-up latency "
+        "(/dev/cpu_dma_latency), so page faults never wait for an idle CPU to wake "
+        "(default on)",
+    )
+    p.add_argument(
         "--config", type=Path, metavar="FILE", help="TOML file with the same keys; flags win"
     )
     p.add_argument(
@@ -282,6 +290,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         "state_dir",
         "spare_guests",
         "ram_path",
+        "pm_qos",
     ):
         value = getattr(args, key)
         if value is not None:

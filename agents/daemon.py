@@ -70,6 +70,9 @@ class AgentConfig:
     ram_path: Path | None = None
     """A tmpfs directory for guest RAM (QEMU's ``-mem-path``) instead of memfds;
     mounted with ``huge=within_size`` it gives guests transparent huge pages."""
+    pm_qos: bool = True
+    """While a postcopy runs, ask the kernel for zero CPU wake-up latency
+    (agents/pmqos.py): faster page faults, idle CPUs polling meanwhile."""
 
     @classmethod
     def from_toml(cls, path: Path) -> AgentConfig:
@@ -86,6 +89,7 @@ class AgentConfig:
             "insecure-plaintext",
             "spare-guests",
             "ram-path",
+            "pm-qos",
         }
         unknown = set(data) - known
         if unknown:

@@ -66,6 +66,7 @@ from . import savevm
 from .channel import Channel, ChannelClosed
 from .migration import MigrationState, first_error
 from .multifd import MultifdReceiver, offload_crypto
+from .pmqos import cpu_latency
 from .postcopy import FaultService, Liveness, PausePostcopy, close_channels, watch_pause
 from .ram import PAGE_MESSAGES, BandwidthMeter, PageWriter, RamReceiver
 from .source import EXPECTED_ERRORS, PROGRESS_INTERVAL
@@ -554,19 +555,20 @@ class IncomingMigration:
         # the trio thread is free for faults, requests and preempt pages.
         offload_crypto(self.main)
         self.fault_thread = thread = OwnedThread("postcopy/fault", realtime=True)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(thread.run, self._fault_thread, thread)
-            nursery.start_soon(self._postcopy_main)
-            nursery.start_soon(self.liveness.run, self._ping)
-            nursery.start_soon(watch_pause, self.pause_requested)
-            self._check_postcopy_done()
-            await self.postcopy_done.wait()
-            await self._finish_postcopy()
-            # Let the source close first, as it does on SHUT: closing at once can
-            # reset the link under a PING the source is still sending.
-            with trio.move_on_after(SHUT_LINGER):
-                await self.source_closed.wait()
-            nursery.cancel_scope.cancel()
+        with cpu_latency(enabled=self.agent.config.pm_qos):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(thread.run, self._fault_thread, thread)
+                nursery.start_soon(self._postcopy_main)
+                nursery.start_soon(self.liveness.run, self._ping)
+                nursery.start_soon(watch_pause, self.pause_requested)
+                self._check_postcopy_done()
+                await self.postcopy_done.wait()
+                await self._finish_postcopy()
+                # Let the source close first, as it does on SHUT: closing at once can
+                # reset the link under a PING the source is still sending.
+                with trio.move_on_after(SHUT_LINGER):
+                    await self.source_closed.wait()
+                nursery.cancel_scope.cancel()
         self.fault_thread = None
 
     async def _postcopy_main(self) -> None:

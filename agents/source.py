@@ -73,6 +73,7 @@ from . import savevm
 from .channel import Channel, ChannelClosed, PeerError
 from .migration import MigrationState, first_error
 from .multifd import MultifdSender, offload_crypto
+from .pmqos import cpu_latency
 from .postcopy import Liveness, PausePostcopy, close_channels, discard_messages, watch_pause
 from .ram import BandwidthMeter, RamSender
 from .threads import OwnedThread
@@ -462,20 +463,21 @@ class OutgoingMigration:
         offload_crypto(self.main)  # background crypto off the trio thread
         self.liveness = Liveness(int(self.parameters.get("keepalive-ms", 2000)), "destination")
         return_path = OwnedThread("postcopy/return", realtime=True)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(return_path.run, self._return_path_thread, return_path, nursery)
-            if self.preempt is None:
-                nursery.start_soon(self._serve_requests, self._requests)
-            nursery.start_soon(self.liveness.run, self._send)
-            nursery.start_soon(watch_pause, self.pause_requested)
-            if self.ram.pending_pages():
-                await self.ram.send_background(self._send, checkpoint=self._checkpoint)
-            if not self.complete_sent:
-                await self._send(Complete())
-                self.complete_sent = True
-                await self._late_duplicate_hook()
-            await self.shut_received.wait()
-            nursery.cancel_scope.cancel()
+        with cpu_latency(enabled=self.agent.config.pm_qos):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(return_path.run, self._return_path_thread, return_path, nursery)
+                if self.preempt is None:
+                    nursery.start_soon(self._serve_requests, self._requests)
+                nursery.start_soon(self.liveness.run, self._send)
+                nursery.start_soon(watch_pause, self.pause_requested)
+                if self.ram.pending_pages():
+                    await self.ram.send_background(self._send, checkpoint=self._checkpoint)
+                if not self.complete_sent:
+                    await self._send(Complete())
+                    self.complete_sent = True
+                    await self._late_duplicate_hook()
+                await self.shut_received.wait()
+                nursery.cancel_scope.cancel()
 
     async def _late_duplicate_hook(self) -> None:
         """Test hook ``late-duplicate`` (seconds): after COMPLETE, send the first pages

@@ -56,7 +56,13 @@ class RunningAgent:
 
 @asynccontextmanager
 async def running_agent(
-    tmp: Path, pki_dir: Path, name: str, *, listen: bool = True, ram_path: Path | None = None
+    tmp: Path,
+    pki_dir: Path,
+    name: str,
+    *,
+    listen: bool = True,
+    ram_path: Path | None = None,
+    pm_qos: bool = True,
 ) -> AsyncIterator[RunningAgent]:
     sock = tmp / f"{name}.sock"
     config = AgentConfig(
@@ -65,6 +71,7 @@ async def running_agent(
         pki=pki_dir,
         listen="127.0.0.1:0" if listen else None,
         ram_path=ram_path,
+        pm_qos=pm_qos,
     )
     agent = Agent(config)
     async with trio.open_nursery() as nursery:
