@@ -494,10 +494,10 @@ class IncomingMigration:
             raise trio.ClosedResourceError("no return path")
         await self.ret.send(req)
 
-    def _arrived(self, block: int, pages: Any) -> None:
+    def _arrived(self, block: int, pages: Any, placed_ns: int) -> None:
         """RamReceiver.on_arrival, called under ``ram_lock`` from either thread."""
         assert self.faults is not None
-        self.faults.arrived(block, pages)
+        self.faults.arrived(block, pages, placed_ns)
 
     async def _run_guest(self) -> None:
         """POSTCOPY_RUN: the guest runs here from now on, with pages still missing."""

@@ -519,7 +519,8 @@ class RamReceiver:
         self.placer: Any = None
         """Set at POSTCOPY_LISTEN: from then on pages are placed atomically with
         UFFDIO_COPY (which also wakes a vCPU waiting on them), never written."""
-        self.on_arrival: Callable[[int, np.ndarray], None] | None = None
+        self.on_arrival: Callable[[int, np.ndarray, int], None] | None = None
+        """Called with (block, pages, when they were placed in monotonic ns)."""
         self.sealed = False
         """Set the moment postcopy holds every page.  From then on only the guest
         writes its RAM: a page frame still in flight (a page both requested and
@@ -528,9 +529,9 @@ class RamReceiver:
         writes.  Such frames are dropped and counted in ``late_duplicates``."""
         self.late_duplicates = 0
 
-    def _arrived(self, block: int, pages: np.ndarray) -> None:
+    def _arrived(self, block: int, pages: np.ndarray, placed_ns: int) -> None:
         if self.on_arrival is not None:
-            self.on_arrival(block, pages)
+            self.on_arrival(block, pages, placed_ns)
 
     def apply_discard(self, msg: Discard) -> None:
         """Drop pages re-dirtied after they were sent: they must fault again."""
@@ -613,10 +614,19 @@ class RamReceiver:
         block, pages = self._pages_of(msg)
         if not self.sealed:
             self._store(msg, block, pages, placer)  # UFFDIO_COPY: the vCPU runs again
+        placed_ns = time.monotonic_ns()  # a fault's latency ends here, not after the books
         with lock:
-            return self._record(msg, block, pages, stored=True)
+            return self._record(msg, block, pages, stored=True, placed_ns=placed_ns)
 
-    def _record(self, msg: Any, block: RamBlock, pages: np.ndarray, *, stored: bool) -> int:
+    def _record(
+        self,
+        msg: Any,
+        block: RamBlock,
+        pages: np.ndarray,
+        *,
+        stored: bool,
+        placed_ns: int | None = None,
+    ) -> int:
         if self.sealed:
             self.late_duplicates += len(pages)
             return 0
@@ -626,7 +636,7 @@ class RamReceiver:
             self.received[msg.block].set_range(msg.first_page, msg.count)
         else:
             self.received[msg.block].set_indices(pages)
-        self._arrived(msg.block, pages)
+        self._arrived(msg.block, pages, time.monotonic_ns() if placed_ns is None else placed_ns)
         return len(pages)
 
     def missing(self) -> int:
