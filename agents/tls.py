@@ -690,6 +690,44 @@ class TLSStream(trio.abc.Stream):
                     return None
                 self._into_bio(got)
 
+    # -- handing the connection over ---------------------------------------------
+
+    async def handover(self) -> int:
+        """End TLS on this connection cleanly and give its TCP socket away.
+
+        Both peers send close_notify and read the other's; the connection must
+        be quiet (nothing in flight either way), and the peer must not speak
+        again until told to (agents/preempt.py sends a go-ahead byte).  Returns
+        a duplicate of the socket's fd, the caller's to close; this stream is
+        closed.  It moves a channel into a worker process, which runs a new
+        handshake on the same connection: TLS state cannot cross processes.
+        """
+        with self._send_guard, self._recv_guard:
+            if self._closed:
+                raise trio.ClosedResourceError("this TLS stream was closed")
+            done = self._unwrap_step()
+            await self._flush()
+            while not done:
+                await self._fill()
+                done = self._unwrap_step()
+            if self._in.pending:
+                raise TLSError(
+                    self.peer_address, "bytes after the peer's close_notify", during="handover"
+                )
+            fd = os.dup(self._sock.fileno())
+            self._closed = True
+            self._sock.close()
+            return fd
+
+    def _unwrap_step(self) -> bool:
+        try:
+            self._ssl.unwrap()
+            return True
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLError as exc:
+            raise TLSError(self.peer_address, _ssl_reason(exc), during="handover") from exc
+
     # -- closing ---------------------------------------------------------------
 
     async def aclose(self) -> None:

@@ -512,3 +512,44 @@ async def test_a_poll_driven_thread_receives_every_byte(tls_pki: Path) -> None:
             nursery.start_soon(send)
             got = await trio.to_thread.run_sync(receive_all)
         assert got == data
+
+
+async def test_handover_moves_the_connection_to_a_new_handshake(tls_pki: Path) -> None:
+    """Both ends hand the TCP socket over; two new TLS endpoints (blocking
+    stdlib ssl, as worker processes use) handshake on it and talk."""
+    import socket as stdsocket
+    import threading
+
+    async with connected_pair(tls_pki) as (client, server):
+        await client.send_all(b"before")
+        assert await server.receive_some(100) == b"before"
+        fds: dict[str, int] = {}
+
+        async def hand(name: str, stream: TLSStream) -> None:
+            fds[name] = await stream.handover()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hand, "client", client)
+            nursery.start_soon(hand, "server", server)
+        got: dict[str, bytes] = {}
+
+        def serve() -> None:
+            sock = stdsocket.socket(fileno=fds["server"])
+            sock.setblocking(True)
+            sock.sendall(b"G")  # the go-ahead: the client may start its handshake
+            with ctx_for(tls_pki, "server", server=True).wrap_socket(sock, server_side=True) as tls:
+                got["server"] = tls.recv(100)
+                tls.sendall(b"pong")
+
+        def dial() -> None:
+            sock = stdsocket.socket(fileno=fds["client"])
+            sock.setblocking(True)
+            assert sock.recv(1) == b"G"
+            ctx = ctx_for(tls_pki, "client", server=False)
+            with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"ping")
+                got["client"] = tls.recv(100)
+
+        threads = [threading.Thread(target=serve), threading.Thread(target=dial)]
+        await trio.to_thread.run_sync(lambda: ([t.start() for t in threads], [t.join(10) for t in threads]))
+    assert got == {"server": b"ping", "client": b"pong"}
