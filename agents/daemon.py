@@ -200,6 +200,18 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------
 
+    def worker_identity(self) -> dict[str, str] | None:
+        """This agent's TLS material for a preempt worker (agents/preempt.py) to load."""
+        ident = self.transport.identity
+        if ident is None:
+            return None
+        return {
+            "name": ident.name,
+            "ca": str(ident.ca_path),
+            "cert": str(ident.cert_path),
+            "key": str(ident.key_path),
+        }
+
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery

@@ -26,6 +26,7 @@ RESUME/RESUME_ACK, pending requests re-sent).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from functools import partial
@@ -68,9 +69,11 @@ from .migration import MigrationState, first_error
 from .multifd import MultifdReceiver, offload_crypto
 from .pmqos import cpu_latency
 from .postcopy import FaultService, Liveness, PausePostcopy, close_channels, watch_pause
+from .preempt import PreemptWorker
 from .ram import PAGE_MESSAGES, BandwidthMeter, PageWriter, RamReceiver
 from .source import EXPECTED_ERRORS, PROGRESS_INTERVAL
 from .threads import READ, OwnedThread
+from .tls import TLSStream
 from .vm.devices import DeviceSection
 from .vm.errors import GuestGone
 
@@ -124,6 +127,9 @@ class IncomingMigration:
         """Guards the received/requested bitmaps and the fault bookkeeping, which
         the fault thread and the trio thread both update."""
         self.fault_thread: OwnedThread | None = None
+        self.worker: PreemptWorker | None = None
+        """With postcopy-preempt: the fault service in a process of its own (agents/preempt.py)."""
+        self._preempt_in, self._preempt_out = trio.open_memory_channel[Channel](4)
         self.cancel_scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
         self.done = trio.Event()
@@ -161,7 +167,7 @@ class IncomingMigration:
                 return "this migration already has a preempt channel"
             self.preempt = channel
             st.channels["preempt"] = channel.stats
-            self.preempt_attached.set()
+            self._preempt_in.send_nowait(channel)  # handed to the worker by _preempt_links
             return None
         if kind == "multifd" and not hello.resume:
             st.channels[channel.name] = channel.stats
@@ -200,6 +206,7 @@ class IncomingMigration:
             with self.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
+                    nursery.start_soon(self._preempt_links)
                     self.state.set_status(S.SETUP)
                     await self._setup()
                     await self._load()
@@ -234,6 +241,10 @@ class IncomingMigration:
         self.nursery.start_soon(self.writer.run)
         st.ram.page_size = config.ramblocks[0].page_size if config.ramblocks else 4096
         st.ram.total = sum(b.size for b in config.ramblocks)
+        if self._wants_worker():
+            worker = PreemptWorker("destination", f"{st.guest}/preempt", self._worker_stats)
+            await self.nursery.start(worker.run, {"identity": self.agent.worker_identity()}, [])
+            self.worker = worker  # ready: _preempt_links may hand it the connection
         st.set_status(S.ACTIVE)
         with trio.fail_after(CHANNEL_TIMEOUT):
             await self.return_attached.wait()
@@ -404,6 +415,46 @@ class IncomingMigration:
 
     # -- postcopy --------------------------------------------------------------
 
+    async def _preempt_links(self) -> None:
+        """Each preempt connection, as it arrives (at setup, after every recovery): end
+        its TLS session and hand the socket to the worker, which handshakes anew."""
+        async for channel in self._preempt_out:
+            tls = isinstance(channel.stream, TLSStream)
+            fd, early = await channel.stream.handover()
+            await channel.aclose()  # the listener's handler lets go of it
+            try:
+                while self.config is None or (self.worker is None and self._wants_worker()):
+                    await trio.sleep(0.005)  # the connection can come before CONFIG
+            except BaseException:
+                os.close(fd)
+                raise
+            if self.worker is None:
+                os.close(fd)
+                raise ProtocolError("a preempt channel without postcopy-preempt", channel="preempt")
+            if self.worker.stopped.is_set():  # every page is here: a recovery only for SHUT
+                os.close(fd)
+            else:
+                await self.worker.connect(fd, early, tls=tls)
+            self.preempt_attached.set()
+
+    def _wants_worker(self) -> bool:
+        caps = self.config.capabilities if self.config is not None else {}
+        return bool(caps.get("postcopy-ram") and caps.get("postcopy-preempt"))
+
+    def _worker_stats(self, msg: dict[str, Any]) -> None:
+        """The fault worker's figures since its last message (trio thread)."""
+        st = self.state
+        for latency_ns in msg.get("latencies_ns", ()):
+            st.postcopy.record_latency(int(latency_ns))
+        blocked = float(msg.get("blocktime_ms", 0.0))
+        st.postcopy.blocktime_ms += blocked
+        st.postcopy.vcpu_blocktime_ms[0] += blocked
+        stats = st.channels.get("preempt")
+        if stats is not None:
+            stats.bytes_sent = int(msg.get("bytes_sent", stats.bytes_sent))
+            stats.bytes_received = int(msg.get("bytes_received", stats.bytes_received))
+            stats.connected = self.worker is not None and self.worker.connected.is_set()
+
     async def _listen(self) -> None:
         """POSTCOPY_LISTEN: place pages atomically from now on and serve the guest's faults."""
         assert self.ram is not None and self.nursery is not None
@@ -413,6 +464,12 @@ class IncomingMigration:
             with trio.fail_after(CHANNEL_TIMEOUT):
                 await self.preempt_attached.wait()
         placer = self._guest().placer()
+        if self.worker is not None:
+            mappings = [
+                {"name": m.name, "addr": m.addr, "size": m.size, "page_size": m.page_size}
+                for m in self._guest().mappings
+            ]
+            await self.worker.set_uffd(placer.fileno(), mappings)
         # Each thread places with its own placer (ioctl buffers are per placer).
         self.faults = FaultService(placer.sibling(), self.ram.received, st.postcopy)
         self.ram.placer = placer
@@ -536,6 +593,8 @@ class IncomingMigration:
         async with self.placing:  # no placement in flight when the uffd goes
             pass
         await self._stop_fault_thread()
+        if self.worker is not None:
+            await self.worker.stop()  # its last figures, and no placement after this
         if self.ram.placer is not None:
             await self._guest().postcopy_end()
             self.ram.placer = None
@@ -554,10 +613,13 @@ class IncomingMigration:
         # The background stream's crypto and placement run in worker threads, so
         # the trio thread is free for faults, requests and preempt pages.
         offload_crypto(self.main)
-        self.fault_thread = thread = OwnedThread("postcopy/fault", realtime=True)
+        thread = None
+        if self.worker is None:  # without preempt: requests on return, pages on main
+            self.fault_thread = thread = OwnedThread("postcopy/fault", realtime=True)
         with cpu_latency(enabled=self.agent.config.pm_qos):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(thread.run, self._fault_thread, thread)
+                if thread is not None:
+                    nursery.start_soon(thread.run, self._fault_thread, thread)
                 nursery.start_soon(self._postcopy_main)
                 nursery.start_soon(self.liveness.run, self._ping)
                 nursery.start_soon(watch_pause, self.pause_requested)
@@ -614,6 +676,8 @@ class IncomingMigration:
         log.warning("postcopy of %s paused: %s", st.guest, reason)
         st.error_desc = f"paused: {reason}"
         await self._close_channels()
+        if self.worker is not None:
+            await self.worker.disconnect()
         self.pause_requested = trio.Event()
         self.recover_armed = False
         self.recovery_started = trio.Event()
@@ -669,7 +733,7 @@ class IncomingMigration:
             await self.preempt_attached.wait()
         await self.ret.send(ResumeAck())
         self.complete_seen = False
-        resent = await self.faults.resend_pending(self._request)
+        resent = await self.faults.resend_pending(self._request)  # the worker asks on its own
         log.info("recovered %s: %d page requests sent again", self.state.guest, resent)
 
     # -- endings -------------------------------------------------------------

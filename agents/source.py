@@ -75,8 +75,10 @@ from .migration import MigrationState, first_error
 from .multifd import MultifdSender, offload_crypto
 from .pmqos import cpu_latency
 from .postcopy import Liveness, PausePostcopy, close_channels, discard_messages, watch_pause
+from .preempt import PreemptWorker
 from .ram import BandwidthMeter, RamSender
 from .threads import OwnedThread
+from .tls import TLSStream
 from .transport import open_channel
 
 if TYPE_CHECKING:
@@ -110,6 +112,9 @@ class OutgoingMigration:
         self.main: Channel | None = None
         self.ret: Channel | None = None
         self.preempt: Channel | None = None
+        self.worker: PreemptWorker | None = None
+        self._workers: trio.Nursery | None = None
+        """With postcopy-preempt: requests served in a process of its own (agents/preempt.py)."""
         self.multifd: MultifdSender | None = None
         self.ram: RamSender | None = None
         self.meter = BandwidthMeter()
@@ -175,16 +180,19 @@ class OutgoingMigration:
         """The whole migration; never raises (the outcome is in ``self.state``)."""
         try:
             with self.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    await self._setup(nursery)
-                    await self._precopy()
-                    if self.postcopy_requested:
-                        await self._start_postcopy()
-                    else:
-                        await self._switchover()
-                    nursery.cancel_scope.cancel()
-                if self.state.status == S.POSTCOPY_ACTIVE:
-                    await self._postcopy()
+                # The preempt worker outlives the setup nursery: it serves postcopy.
+                async with trio.open_nursery() as self._workers:
+                    async with trio.open_nursery() as nursery:
+                        await self._setup(nursery)
+                        await self._precopy()
+                        if self.postcopy_requested:
+                            await self._start_postcopy()
+                        else:
+                            await self._switchover()
+                        nursery.cancel_scope.cancel()
+                    if self.state.status == S.POSTCOPY_ACTIVE:
+                        await self._postcopy()
+                    self._workers.cancel_scope.cancel()
         except Exception as exc:
             leaf = first_error(exc)
             if not isinstance(leaf, EXPECTED_ERRORS):
@@ -211,9 +219,12 @@ class OutgoingMigration:
         st.set_status(S.SETUP)
         self.main = await self._open(ChannelKind.MAIN)
         self.ret = await self._open(ChannelKind.RETURN)
+        blocks = self.guest.blocks
         if self.capabilities.get("postcopy-preempt"):
             self.preempt = await self._open(ChannelKind.PREEMPT)
-        blocks = self.guest.blocks
+            if self.capabilities.get("postcopy-ram"):
+                await self._start_worker(blocks)
+                await self._hand_over_preempt()
         await self.main.send(
             Config(
                 ramblocks=tuple(RamBlockInfo(b.name, b.size, b.page_size) for b in blocks),
@@ -240,6 +251,36 @@ class OutgoingMigration:
         self.ram.limiter.rate = float(self.parameters.get("max-bandwidth", 0))
         await self.guest.start_dirty_log()
         st.set_status(S.ACTIVE)
+
+    async def _start_worker(self, blocks: Any) -> None:
+        self.worker = PreemptWorker("source", f"{self.state.guest}/preempt", self._worker_stats)
+        setup = {
+            "identity": self.agent.worker_identity(),
+            "detect_zero": self.parameters.get("zero-page-detection", "legacy") != "none",
+            "blocks": [{"name": b.name, "size": b.size, "page_size": b.page_size} for b in blocks],
+        }
+        assert self._workers is not None
+        await self._workers.start(self.worker.run, setup, [b.fd for b in blocks])
+
+    async def _hand_over_preempt(self) -> None:
+        """End TLS on the preempt connection; the worker handshakes anew on it."""
+        assert self.preempt is not None and self.worker is not None
+        tls = isinstance(self.preempt.stream, TLSStream)
+        fd, early = await self.preempt.stream.handover()
+        await self.preempt.aclose()
+        await self.worker.connect(fd, early, tls=tls, server_hostname=self.uri.host)
+
+    def _worker_stats(self, msg: dict[str, Any]) -> None:
+        """The request worker's figures since its last message (trio thread)."""
+        st = self.state
+        requests = int(msg.get("requests", 0))
+        st.ram.postcopy_requests += requests
+        st.ram.postcopy_bytes += int(msg.get("pages", 0)) * st.ram.page_size
+        stats = st.channels.get("preempt")
+        if stats is not None:
+            stats.bytes_sent = int(msg.get("bytes_sent", stats.bytes_sent))
+            stats.bytes_received = int(msg.get("bytes_received", stats.bytes_received))
+            stats.connected = self.worker is not None and self.worker.connected.is_set()
 
     async def _send(self, message: Any) -> int:
         assert self.main is not None
@@ -466,8 +507,7 @@ class OutgoingMigration:
         with cpu_latency(enabled=self.agent.config.pm_qos):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(return_path.run, self._return_path_thread, return_path, nursery)
-                if self.preempt is None:
-                    nursery.start_soon(self._serve_requests, self._requests)
+                nursery.start_soon(self._serve_requests, self._requests)
                 nursery.start_soon(self.liveness.run, self._send)
                 nursery.start_soon(watch_pause, self.pause_requested)
                 if self.ram.pending_pages():
@@ -477,6 +517,8 @@ class OutgoingMigration:
                     self.complete_sent = True
                     await self._late_duplicate_hook()
                 await self.shut_received.wait()
+                if self.worker is not None:
+                    await self.worker.stop()  # its last figures
                 nursery.cancel_scope.cancel()
 
     async def _late_duplicate_hook(self) -> None:
@@ -490,35 +532,25 @@ class OutgoingMigration:
 
     async def _serve_requests(self, requests: trio.MemoryReceiveChannel[ReqPages]) -> None:
         assert self.ram is not None
-        assert self.main is not None  # without preempt, requested pages go on main
+        assert self.main is not None  # requests on the return path are answered on main
         async for req in requests:
             await self.ram.send_requested(
                 self.main.send, req.block, req.first_page, req.count, req.request_id
             )
 
     def _return_path_thread(self, thread: OwnedThread, nursery: trio.Nursery) -> None:
-        """QEMU's return-path thread: read the destination's messages and, with a
-        preempt channel, answer page requests right here — the page leaves while
-        the trio thread is still busy with the background stream.
+        """QEMU's return-path thread: read the destination's messages.
 
-        Runs in ``thread``; the statistics of requests served go to the trio
-        thread with ``thread.later`` (folded in every few ms, never waking it
-        in the middle of the next request), the rest with ``thread.call_soon``.  Without preempt, requests are queued for
+        Page requests come here only without preempt (with it, the preempt
+        workers carry them, agents/preempt.py); they are queued for
         ``_serve_requests``, which sends them on main between background pieces.
         """
-        assert self.ret is not None and self.ram is not None
-        ret, preempt, ram = self.ret, self.preempt, self.ram
+        assert self.ret is not None
+        ret = self.ret
         while not thread.should_stop():
             msg = ret.thread_receive(thread.wait)
             if isinstance(msg, ReqPages):
-                if preempt is None:
-                    trio.from_thread.run(self._requests_in.send, msg, trio_token=thread.token)
-                    continue
-                pages, messages = ram.take_request(
-                    msg.block, msg.first_page, msg.count, msg.request_id
-                )
-                nbytes = sum(preempt.thread_send(m, thread.wait) for m in messages)
-                thread.later(ram.account_request, msg.block, pages, messages, nbytes)
+                trio.from_thread.run(self._requests_in.send, msg, trio_token=thread.token)
             elif isinstance(msg, Pong):
                 thread.call_soon(self.liveness.pong)
             elif isinstance(msg, Ping):
@@ -542,6 +574,8 @@ class OutgoingMigration:
         log.warning("postcopy of %s paused: %s", st.guest, reason)
         st.error_desc = f"paused: {reason}"
         await self._close_channels()
+        if self.worker is not None:
+            await self.worker.disconnect()
         self.pause_requested = trio.Event()
         self.resume_requested = trio.Event()
         st.set_status(S.POSTCOPY_PAUSED)
@@ -578,6 +612,8 @@ class OutgoingMigration:
         st.set_status(S.POSTCOPY_RECOVER)
         if self.capabilities.get("postcopy-preempt"):
             self.preempt = await self._open(ChannelKind.PREEMPT, resume=True)  # after main, as QEMU
+            if self.worker is not None:
+                await self._hand_over_preempt()
         for index in range(len(ram.blocks)):
             await self.main.send(RecvBitmapRequest(index))
         for index in range(len(ram.blocks)):

@@ -692,14 +692,15 @@ class TLSStream(trio.abc.Stream):
 
     # -- handing the connection over ---------------------------------------------
 
-    async def handover(self) -> int:
+    async def handover(self) -> tuple[int, bytes]:
         """End TLS on this connection cleanly and give its TCP socket away.
 
         Both peers send close_notify and read the other's; the connection must
         be quiet (nothing in flight either way), and the peer must not speak
         again until told to (agents/preempt.py sends a go-ahead byte).  Returns
-        a duplicate of the socket's fd, the caller's to close; this stream is
-        closed.  It moves a channel into a worker process, which runs a new
+        a duplicate of the socket's fd, the caller's to close, and the bytes
+        that came in after the peer's close_notify with it (the go-ahead, if it
+        was quick); this stream is closed.  It moves a channel into a worker process, which runs a new
         handshake on the same connection: TLS state cannot cross processes.
         """
         with self._send_guard, self._recv_guard:
@@ -710,14 +711,11 @@ class TLSStream(trio.abc.Stream):
             while not done:
                 await self._fill()
                 done = self._unwrap_step()
-            if self._in.pending:
-                raise TLSError(
-                    self.peer_address, "bytes after the peer's close_notify", during="handover"
-                )
+            trailing = self._in.read() if self._in.pending else b""
             fd = os.dup(self._sock.fileno())
             self._closed = True
             self._sock.close()
-            return fd
+            return fd, trailing
 
     def _unwrap_step(self) -> bool:
         try:
@@ -936,6 +934,17 @@ class PlainStream(trio.abc.Stream):
             views = [memoryview(b).cast("B") for b in buffers]
             _write_all(self._sock.fileno(), views, wait, self._error)
             self.bytes_sent += sum(len(v) for v in views)
+
+    async def handover(self) -> tuple[int, bytes]:
+        """:meth:`TLSStream.handover` without a session to end: the socket, given away."""
+        with self._send_guard, self._recv_guard:
+            if self._closed:
+                raise trio.ClosedResourceError("this stream was closed")
+            fd = os.dup(self._sock.fileno())
+            self._closed = True
+            self._sock.close()
+            await trio.lowlevel.checkpoint()
+            return fd, b""
 
     has_buffered = False
     """Reads go straight from the socket to the caller: poll(2) sees everything."""

@@ -526,7 +526,8 @@ async def test_handover_moves_the_connection_to_a_new_handshake(tls_pki: Path) -
         fds: dict[str, int] = {}
 
         async def hand(name: str, stream: TLSStream) -> None:
-            fds[name] = await stream.handover()
+            fds[name], trailing = await stream.handover()
+            assert trailing == b""
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hand, "client", client)
@@ -551,5 +552,7 @@ async def test_handover_moves_the_connection_to_a_new_handshake(tls_pki: Path) -
                 got["client"] = tls.recv(100)
 
         threads = [threading.Thread(target=serve), threading.Thread(target=dial)]
-        await trio.to_thread.run_sync(lambda: ([t.start() for t in threads], [t.join(10) for t in threads]))
+        await trio.to_thread.run_sync(
+            lambda: ([t.start() for t in threads], [t.join(10) for t in threads])
+        )
     assert got == {"server": b"ping", "client": b"pong"}

@@ -1,0 +1,113 @@
+"""The preempt workers (agents/preempt.py): their process, control socket and link checks.
+
+Migrations through them are in test_postcopy_migration.py and test_recovery.py
+(every preempt case there runs the workers)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from agents.preempt import GO, Connection, PreemptWorker
+from agents.vm import ctl
+from protocol.errors import ProtocolError
+
+
+def _memfd(size: int) -> int:
+    fd = os.memfd_create("test-ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+async def test_a_worker_starts_says_ready_and_is_reaped_when_its_owner_is_cancelled() -> None:
+    fd = _memfd(1 << 20)
+    worker = PreemptWorker("source", "test/preempt", lambda msg: None)
+    setup = {"identity": None, "blocks": [{"name": "ram0", "size": 1 << 20, "page_size": 4096}]}
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run, setup, [fd])
+            assert worker.process is not None and worker.process.returncode is None
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(fd)
+    assert worker.process.returncode is not None
+
+
+async def test_stop_sends_the_last_statistics_and_ends_run() -> None:
+    fd = _memfd(1 << 20)
+    seen: list[dict] = []
+    worker = PreemptWorker("source", "test/preempt", seen.append)
+    setup = {"identity": None, "blocks": [{"name": "ram0", "size": 1 << 20, "page_size": 4096}]}
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run, setup, [fd])
+            await worker.stop()
+            assert worker.stopped.is_set()
+    finally:
+        os.close(fd)
+    assert worker.process is not None and worker.process.returncode == 0
+
+
+def test_a_worker_exits_by_itself_when_its_agent_hangs_up() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fd = _memfd(1 << 20)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agents.preempt", str(theirs.fileno())], pass_fds=[theirs.fileno()]
+    )
+    theirs.close()
+    try:
+        setup = {
+            "role": "source",
+            "identity": None,
+            "blocks": [{"name": "ram0", "size": 1 << 20, "page_size": 4096}],
+        }
+        socket.send_fds(ours, [ctl.encode({"op": "setup", **setup})], [fd])
+        ours.settimeout(30)
+        assert ctl.decode(ours.recv(1 << 16))["op"] == "ready"
+        ours.close()  # the agent is gone
+        assert proc.wait(timeout=10) == 0
+    finally:
+        os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize(
+    ("role", "early"), [("source", b"GX"), ("source", b"X"), ("destination", GO)]
+)
+def test_stray_bytes_at_handover_are_refused(role: str, early: bytes) -> None:
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(ProtocolError, match="stray bytes"):
+            Connection.open(os.dup(a.fileno()), role, None, None, early)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_source_end_takes_the_go_ahead_and_nothing_more() -> None:
+    a, b = socket.socketpair()
+    try:
+        b.sendall(GO + b"payload")
+        conn = Connection.open(os.dup(a.fileno()), "source", None, None, b"")
+        assert conn.sock.recv(7) == b"payload"
+        conn.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_anything_but_the_go_ahead_is_refused() -> None:
+    a, b = socket.socketpair()
+    try:
+        b.sendall(b"X")
+        with pytest.raises(ProtocolError, match="no go-ahead"):
+            Connection.open(os.dup(a.fileno()), "source", None, None, b"")
+    finally:
+        a.close()
+        b.close()
