@@ -444,6 +444,12 @@ class IncomingMigration:
     def _worker_stats(self, msg: dict[str, Any]) -> None:
         """The fault worker's figures since its last message (trio thread)."""
         st = self.state
+        ram = self.ram
+        if ram is not None:
+            for block, first, count, data in msg.get("placed", ()):
+                with self.ram_lock:
+                    ram.received[block].set_range(first, count)
+                self._account(bool(data), count)  # and postcopy may be done now
         for latency_ns in msg.get("latencies_ns", ()):
             st.postcopy.record_latency(int(latency_ns))
         blocked = float(msg.get("blocktime_ms", 0.0))
@@ -578,8 +584,9 @@ class IncomingMigration:
                     log.error("postcopy of %s: unexpected error, pausing", st.guest, exc_info=leaf)
                 await self._pause(str(leaf) or leaf.__class__.__name__)
             await self._recover()
-        st.ram.remaining = 0
-        st.set_status(S.COMPLETED)
+        if st.status != S.COMPLETED:
+            st.ram.remaining = 0
+            st.set_status(S.COMPLETED)
 
     async def _finish_postcopy(self) -> None:
         """Every page is here: let go of the uffd (once) and tell the source (SHUT).
@@ -605,6 +612,10 @@ class IncomingMigration:
             await trio.sleep(delay)
         await self.ret.send(Shut("completed"))
         self.shut_sent = True
+        # Completed from here: every page is in place and the source knows.  What
+        # follows (waiting for the source to close first) is only tidying up.
+        self.state.ram.remaining = 0
+        self.state.set_status(S.COMPLETED)
 
     async def _postcopy_round(self) -> None:
         assert self.main is not None and self.ram is not None

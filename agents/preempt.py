@@ -118,6 +118,9 @@ class PreemptWorker:
         self.disconnect_reason: str | None = None
         self.realtime = False
         self.stopped = trio.Event()
+        self.epoch = 0
+        """Connections handed over so far: the worker tags what it reports with the
+        epoch of the link it used, so a report that lags behind a recovery is known."""
 
     async def run(
         self,
@@ -202,8 +205,10 @@ class PreemptWorker:
         """Hand the worker a preempt connection (this end's fd is closed here), with
         what :meth:`~agents.tls.TLSStream.handover` read past the old session."""
         try:
+            self.epoch += 1
             msg = {
                 "op": "connection",
+                "epoch": self.epoch,
                 "tls": tls,
                 "server_hostname": server_hostname,
                 "early": early.hex(),
@@ -337,6 +342,7 @@ class Worker:
             else None
         )
         self.conn: Connection | None = None
+        self.epoch = 0
         self.stopping = False
         self.orphaned = False
         self.stats: dict[str, Any] = {}
@@ -369,6 +375,7 @@ class Worker:
             except LINK_ERRORS as exc:
                 self.tell({"op": "disconnected", "reason": f"handshake: {exc}"})
                 return
+            self.epoch = int(msg.get("epoch", 0))
             self.tell({"op": "connected"})
             self.on_connected()
         elif op == "disconnect":
@@ -437,13 +444,15 @@ class Worker:
     def on_fd(self, fd: int, events: int) -> None:
         raise NotImplementedError
 
-    def send(self, message: Message) -> None:
+    def send(self, message: Message) -> int:
+        """Bytes sent; 0 if there is no link (or it just broke)."""
         if self.conn is None:
-            return
+            return 0
         try:
-            self.conn.send(message)
+            return self.conn.send(message)
         except LINK_ERRORS as exc:
             self.drop(f"{type(exc).__name__}: {exc}")
+            return 0
 
     # -- statistics -----------------------------------------------------------------
 
@@ -515,16 +524,18 @@ class FaultWorker(Worker):
             raise ProtocolError("pages before the userfaultfd", channel="preempt")
         if isinstance(message, Pages):
             placed = self.placer.copy(message.block, message.first_page, message.data)
-            self.count("pages", message.count)
         elif isinstance(message, Zero):
             placed = self.placer.zeropage(message.block, message.first_page, message.count)
-            self.count("zero_pages", message.count)
         else:
             raise ProtocolError(
                 f"unexpected {type(message).__name__} on preempt", channel="preempt"
             )
         placed_ns = time.monotonic_ns()
-        self.count("placed", placed)
+        if placed:  # else the background stream's copy was first (EEXIST)
+            data = int(isinstance(message, Pages))
+            self.stats.setdefault("placed", []).append(
+                [message.block, message.first_page, message.count, data]
+            )
         latencies = self.stats.setdefault("latencies_ns", [])
         for page in range(message.first_page, message.first_page + message.count):
             fault_ns = self.pending.pop((message.block, page), None)
@@ -564,13 +575,15 @@ class RequestWorker(Worker):
                 f"page request {first}+{count} outside RAM block {name}", channel="preempt"
             )
         data = ram[first * ps : (first + count) * ps]
-        self.count("requests")
-        if self.detect_zero and count == 1 and data == self._zeros[ps]:
-            self.send(Zero(message.block, first, 1))
-            self.count("zero_pages")
+        zero = self.detect_zero and count == 1 and data == self._zeros[ps]
+        if zero:
+            sent = self.send(Zero(message.block, first, 1))
         else:
-            self.send(Pages(message.block, first, count, data, message.request_id))
-            self.count("pages", count)
+            sent = self.send(Pages(message.block, first, count, data, message.request_id))
+        if sent:
+            served = [message.block, first, count, int(zero), self.epoch]
+            self.stats.setdefault("served", []).append(served)
+            self.count("sent", sent)
 
 
 class _Mapping:

@@ -290,6 +290,23 @@ class RamSender:
         self.account(block_index, pages, messages, nbytes, "postcopy")
         self.update_remaining()
 
+    def account_served(self, served: list[list[int]], nbytes: int) -> None:
+        """Requests a preempt worker answered (agents/preempt.py): ``[block, first,
+        count, zero]`` each.  Taken off ``to_send`` so the background stream skips
+        them — it may already have sent some of them meanwhile: the destination
+        keeps the first copy — and counted as a request served here would be."""
+        for block_index, first, count, zero in served:
+            self.to_send[block_index].clear_range(first, count)
+            self.sent_once[block_index].set_range(first, count)
+            if zero:
+                self.stats.duplicate += count
+            else:
+                self.stats.normal += count
+        self.stats.postcopy_requests += len(served)
+        self.stats.transferred += nbytes
+        self.stats.postcopy_bytes += nbytes
+        self.update_remaining()
+
     async def send_requested(
         self, send: SendFn, block_index: int, first: int, count: int, request_id: int
     ) -> int:

@@ -273,9 +273,12 @@ class OutgoingMigration:
     def _worker_stats(self, msg: dict[str, Any]) -> None:
         """The request worker's figures since its last message (trio thread)."""
         st = self.state
-        requests = int(msg.get("requests", 0))
-        st.ram.postcopy_requests += requests
-        st.ram.postcopy_bytes += int(msg.get("pages", 0)) * st.ram.page_size
+        if self.ram is not None and self.worker is not None:
+            # Served on a link a recovery has replaced: the destination's RECV_BITMAP
+            # decided whether those pages arrived; the background resends the rest.
+            epoch = self.worker.epoch
+            served = [s[:4] for s in msg.get("served", ()) if s[4] == epoch]
+            self.ram.account_served(served, int(msg.get("sent", 0)))
         stats = st.channels.get("preempt")
         if stats is not None:
             stats.bytes_sent = int(msg.get("bytes_sent", stats.bytes_sent))
