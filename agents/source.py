@@ -223,8 +223,9 @@ class OutgoingMigration:
         if self.capabilities.get("postcopy-preempt"):
             self.preempt = await self._open(ChannelKind.PREEMPT)
             if self.capabilities.get("postcopy-ram"):
-                await self._start_worker(blocks)
-                await self._hand_over_preempt()
+                # The worker's interpreter starts while precopy runs, not before it.
+                assert self._workers is not None
+                self._workers.start_soon(self._start_worker, blocks)
         await self.main.send(
             Config(
                 ramblocks=tuple(RamBlockInfo(b.name, b.size, b.page_size) for b in blocks),
@@ -253,14 +254,17 @@ class OutgoingMigration:
         st.set_status(S.ACTIVE)
 
     async def _start_worker(self, blocks: Any) -> None:
-        self.worker = PreemptWorker("source", f"{self.state.guest}/preempt", self._worker_stats)
+        """Start the request worker and hand it the preempt connection."""
+        worker = PreemptWorker("source", f"{self.state.guest}/preempt", self._worker_stats)
         setup = {
             "identity": self.agent.worker_identity(),
             "detect_zero": self.parameters.get("zero-page-detection", "legacy") != "none",
             "blocks": [{"name": b.name, "size": b.size, "page_size": b.page_size} for b in blocks],
         }
         assert self._workers is not None
-        await self._workers.start(self.worker.run, setup, [b.fd for b in blocks])
+        await self._workers.start(worker.run, setup, [b.fd for b in blocks])
+        self.worker = worker
+        await self._hand_over_preempt()
 
     async def _hand_over_preempt(self) -> None:
         """End TLS on the preempt connection; the worker handshakes anew on it."""
