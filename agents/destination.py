@@ -12,8 +12,10 @@ start), then applies what main carries:
 * postcopy: DISCARD (punch the stale pages out), LISTEN (from now on pages
   are placed with UFFDIO_COPY, and the fault service asks for what the guest
   touches), RUN (load the devices, start the vCPUs, POSTCOPY_RUN_ACK), then
-  pages on main and preempt until COMPLETE and nothing is missing —
-  unregister, SHUT, done.
+  pages on main until COMPLETE and nothing is missing — unregister, SHUT,
+  done.  With preempt, faults and requested pages are the fault worker's
+  (agents/preempt.py): the agent hands it the preempt connection and the
+  uffd, and learns from it which pages it placed.
 
 Failures before the guest runs here destroy the incoming guest (the source
 still has all of it) and tell the source why with an ERROR frame.  In
@@ -483,45 +485,22 @@ class IncomingMigration:
         self.ram.on_arrival = self._arrived
 
     def _fault_thread(self, thread: OwnedThread) -> None:
-        """QEMU's fault thread and preempt thread in one, for one postcopy round.
+        """QEMU's fault thread, for one postcopy round without preempt (with it,
+        the fault worker does this in a process of its own: agents/preempt.py).
 
         Reads the guest's faults off the uffd and sends the requests on the
-        return path itself, and places the pages arriving on preempt itself:
-        a request's round trip never waits for the trio thread, which is busy
-        with the background stream.  It owns the return path's sending and
-        preempt's receiving until it stops; the trio side's PINGs and PONGs go
-        through it (``_ret_send``).  Bitmaps are shared with the trio thread
-        under ``ram_lock``; statistics go back with ``later`` (the trio thread
-        folds them in every few ms and when the thread ends: waking it for each
-        page would put a GIL handoff into the next request's round trip).
-
-        Every syscall releases the GIL, and taking it back on a busy host
-        means waiting behind the background stream's threads, so the loop
-        makes few: one poll for both fds, and preempt is read only when poll
-        says so or bytes are already buffered (never to learn it is empty).
+        return path itself: a request never waits for the trio thread, which is
+        busy with the background stream (the pages come back on main).  It owns
+        the return path's sending until it stops; the trio side's PINGs and
+        PONGs go through it (``_ret_send``).  The request bookkeeping is shared
+        with the trio thread under ``ram_lock``.
         """
-        assert self.faults is not None and self.ram is not None and self.ret is not None
-        faults, ram, ret, preempt = self.faults, self.ram, self.ret, self.preempt
+        assert self.faults is not None and self.ret is not None
+        faults, ret = self.faults, self.ret
         placer = faults.placer
         uffd = placer.fileno()
         watch = [(uffd, READ)]
-        preempt_fd = -1
-        if preempt is not None:
-            preempt_fd = preempt.stream.socket.fileno()
-            watch.append((preempt_fd, READ))
-        readable = preempt is not None  # what arrived before this round's thread began
         while not thread.should_stop():
-            while preempt is not None and (readable or preempt.buffered()):
-                readable = False
-                msg = preempt.thread_receive(thread.wait, block=False)
-                if msg is None:
-                    break
-                if not isinstance(msg, PAGE_MESSAGES):
-                    raise ProtocolError(
-                        f"unexpected {type(msg).__name__} on preempt", channel=preempt.name
-                    )
-                count = ram.place(msg, placer, self.ram_lock)
-                thread.later(self._account, isinstance(msg, (Pages, PageBatch)), count)
             ready = thread.wait_any(watch)
             if ready.get(uffd, 0) & (POLLERR | POLLHUP):
                 raise GuestGone("the guest's userfaultfd hung up: the guest process is gone")
@@ -530,7 +509,6 @@ class IncomingMigration:
                     requests = faults.take_faults(placer.read_fault_pages())
                 for request in requests:
                     ret.thread_send(request, thread.wait)
-            readable = preempt_fd in ready
 
     async def _stop_fault_thread(self) -> None:
         """Stop this round's fault thread between messages and wait for it."""

@@ -27,7 +27,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -623,27 +622,6 @@ class RamReceiver:
         Once ``sealed``, nothing is applied: the pages count as late duplicates.
         """
         block, pages = self._pages_of(msg)
-        return self._record(msg, block, pages, stored=stored)
-
-    def place(self, msg: Any, placer: Any, lock: AbstractContextManager[Any]) -> int:
-        """Postcopy's fault thread: :meth:`store` then :meth:`apply` under ``lock``,
-        checking the message once (this is on every request's round trip)."""
-        block, pages = self._pages_of(msg)
-        if not self.sealed:
-            self._store(msg, block, pages, placer)  # UFFDIO_COPY: the vCPU runs again
-        placed_ns = time.monotonic_ns()  # a fault's latency ends here, not after the books
-        with lock:
-            return self._record(msg, block, pages, stored=True, placed_ns=placed_ns)
-
-    def _record(
-        self,
-        msg: Any,
-        block: RamBlock,
-        pages: np.ndarray,
-        *,
-        stored: bool,
-        placed_ns: int | None = None,
-    ) -> int:
         if self.sealed:
             self.late_duplicates += len(pages)
             return 0
@@ -653,7 +631,7 @@ class RamReceiver:
             self.received[msg.block].set_range(msg.first_page, msg.count)
         else:
             self.received[msg.block].set_indices(pages)
-        self._arrived(msg.block, pages, time.monotonic_ns() if placed_ns is None else placed_ns)
+        self._arrived(msg.block, pages, time.monotonic_ns())
         return len(pages)
 
     def missing(self) -> int:

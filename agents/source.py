@@ -23,7 +23,9 @@ Postcopy: stop → ``device`` → final sync → DISCARD of every page dirtied
 since it was sent → device sections → LISTEN → RUN → ``postcopy-device``
 until POSTCOPY_RUN_ACK (the guest runs there) → ``postcopy-active``: every
 page the destination lacks streams in the background on main while page
-requests are served first, on the preempt channel when there is one.
+requests are served first: on main between background pieces, or, with
+preempt, by the request worker (agents/preempt.py), a process of its own
+that owns the preempt connection and maps the stopped guest's RAM.
 
 Nothing is lost on any failure path.  Until COMPLETE (precopy) or
 POSTCOPY_RUN_ACK (postcopy) the source guest is the only complete copy and is
