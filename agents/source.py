@@ -132,6 +132,9 @@ class OutgoingMigration:
         self.complete_sent = False
         self.run_acked = False
         self.cancel_requested = False
+        self.outcome: MigrationStatus | None = None
+        """COMPLETED or FAILED once decided; the status says so only when _finish has
+        released or resumed the guest."""
         self.done = trio.Event()
         self._last_progress = 0.0
         self._pass = 0
@@ -142,8 +145,8 @@ class OutgoingMigration:
     # -- control (from QMP handlers) -------------------------------------------
 
     def cancel(self) -> None:
-        if is_terminal(self.state.status):
-            return
+        if is_terminal(self.state.status) or self.outcome is not None:
+            return  # over, or finishing: the outcome is decided
         if self.state.status not in (S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE):
             raise ValueError(f"migrate-cancel is not possible in state {self.state.status}")
         self.cancel_requested = True
@@ -452,7 +455,7 @@ class OutgoingMigration:
             from .daemon import ram_digest
 
             st.switchover_digest = await ram_digest(self.guest)  # still stopped: RAM as it was sent
-        st.set_status(S.COMPLETED)
+        self.outcome = S.COMPLETED  # published by _finish, once the guest is released
 
     # -- postcopy --------------------------------------------------------------
 
@@ -685,22 +688,33 @@ class OutgoingMigration:
             return
         if not is_terminal(st.status):
             st.error_desc = desc
-            st.set_status(S.FAILED)
+            self.outcome = S.FAILED  # published by _finish, once the guest runs again
 
     async def _finish(self) -> None:
+        """Close the channels, then release the guest (completed) or resume it, and
+        only then say ``completed`` / ``failed``: a client that sees the status
+        also sees the guest as it will stay."""
+        try:
+            await self._finish_guest()
+        finally:
+            if self.outcome is not None and not is_terminal(self.state.status):
+                self.state.set_status(self.outcome)
+            self.done.set()
+
+    async def _finish_guest(self) -> None:
         st = self.state
         multifd = self.multifd.channels if self.multifd is not None else []
         with trio.move_on_after(10):
             for channel in (self.main, self.ret, self.preempt, *multifd):
                 if channel is None or channel.closed:
                     continue
-                if st.status != S.COMPLETED:
+                if self.outcome != S.COMPLETED:
                     await channel.send_error(
                         "cancelled" if self.cancel_requested else "failed",
                         st.error_desc or "migration cancelled by the source",
                     )
                 await channel.aclose()
-            if st.status == S.COMPLETED:
+            if self.outcome == S.COMPLETED:
                 await self.entry.release_after_migration()
             elif not self.run_acked:
                 try:
@@ -714,7 +728,6 @@ class OutgoingMigration:
                     self.agent.events.emit("RESUME", {"guest": st.guest})
             if self.cancel_requested and st.status == S.CANCELLING:
                 st.set_status(S.CANCELLED)
-        self.done.set()
 
 
 MAX_EXTRA_PASSES = 3

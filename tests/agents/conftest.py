@@ -126,12 +126,13 @@ async def set_caps(client, **caps):
 
 
 async def start_postcopy_migration(
-    src, dst, *, memory="64M", workload="counter", preempt=False, **caps
+    src, dst, *, memory="64M", workload="counter", preempt=False, hugetlb=False, **caps
 ):
     """guest-start vm1 on ``src``, a slow precopy to ``dst``, then the switch to postcopy."""
-    await src.client.execute(
-        "guest-start", {"name": "vm1", "memory": memory, "workload": workload, "fill": "mixed:60%"}
-    )
+    args = {"name": "vm1", "memory": memory, "workload": workload, "fill": "mixed:60%"}
+    if hugetlb:
+        args["hugetlb"] = True
+    await src.client.execute("guest-start", args)
     await set_caps(src.client, **{"postcopy-ram": True, "postcopy-preempt": preempt, **caps})
     # Slow precopy so that postcopy has most of the work to do.
     await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 8 << 20})

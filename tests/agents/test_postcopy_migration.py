@@ -8,10 +8,13 @@ placed atomically.  Each story ends by checking the guest's memory.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import trio
 from conftest import set_caps, start_postcopy_migration
+
+from agents.vm.ramblock import free_huge_pages
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (userfaultfd, PAGEMAP_SCAN)")
 
@@ -141,5 +144,44 @@ async def test_a_late_duplicate_page_never_overwrites_what_the_guest_wrote(pair)
     assert info["status"] == "completed", info.get("error-desc")
     migration = next(e for e in dst.agent.guests.values() if e.name == "vm1").migration
     assert migration.ram.late_duplicates >= 256  # the duplicate arrived, inside the window
+    check = await dst.client.execute("guest-verify", {"guest": "vm1", "method": "counter"})
+    assert check["verified"], check
+
+
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+@pytest.fixture
+def reserved_huge_pages():
+    """2 MiB pages for a 32 MiB guest on each side (and a margin), given back after."""
+    need = 40
+    try:
+        before = int(NR_HUGEPAGES.read_text())
+        NR_HUGEPAGES.write_text(str(before + need))
+    except OSError as e:
+        pytest.skip(f"cannot reserve huge pages via {NR_HUGEPAGES}: {e}")
+    try:
+        if free_huge_pages() < need:
+            pytest.skip(f"kernel reserved only {free_huge_pages()} of {need} 2 MiB pages")
+        yield
+    finally:
+        NR_HUGEPAGES.write_text(str(before))
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+async def test_huge_page_guest_faults_and_gets_whole_huge_pages(pair, reserved_huge_pages, preempt):
+    """Each request is for a whole 2 MiB page and is placed whole (with preempt,
+    by the fault worker, the page sent whole by the request worker)."""
+    src, dst = pair
+    await start_postcopy_migration(src, dst, memory="32M", preempt=preempt, hugetlb=True)
+    info = await src.client.wait_status(
+        "vm1", {"completed", "failed", "postcopy-paused"}, timeout=120
+    )
+    assert info["status"] == "completed", info.get("error-desc")
+    assert info["ram"]["page-size"] == 2 << 20
+    assert info["ram"]["postcopy-requests"] > 0
+    dinfo = await dst.client.execute("query-migrate", {"guest": "vm1"})
+    assert dinfo["status"] == "completed"
+    assert sum(dinfo["postcopy-latency-dist"]) > 0
     check = await dst.client.execute("guest-verify", {"guest": "vm1", "method": "counter"})
     assert check["verified"], check
