@@ -94,6 +94,8 @@ PROGRESS_INTERVAL = 0.25
 """MIGRATION_PROGRESS events at most four times a second."""
 SHUT_TIMEOUT = 30.0
 RUN_ACK_TIMEOUT = 30.0
+WORKER_LINK_TIMEOUT = 60.0
+"""How long the preempt workers may take to start and link up (agents/preempt.py)."""
 RECOVER_TIMEOUT = 30.0
 
 
@@ -116,6 +118,9 @@ class OutgoingMigration:
         self.preempt: Channel | None = None
         self.worker: PreemptWorker | None = None
         self._workers: trio.Nursery | None = None
+        self._worker_linked = trio.Event()
+        """The request worker runs and holds the preempt connection: the switch to
+        postcopy waits for it, so its start never counts as downtime."""
         """With postcopy-preempt: requests served in a process of its own (agents/preempt.py)."""
         self.multifd: MultifdSender | None = None
         self.ram: RamSender | None = None
@@ -270,6 +275,9 @@ class OutgoingMigration:
         await self._workers.start(worker.run, setup, [b.fd for b in blocks])
         self.worker = worker
         await self._hand_over_preempt()
+        with trio.fail_after(WORKER_LINK_TIMEOUT):
+            await worker.connected.wait()
+        self._worker_linked.set()
 
     async def _hand_over_preempt(self) -> None:
         """End TLS on the preempt connection; the worker handshakes anew on it."""
@@ -463,6 +471,9 @@ class OutgoingMigration:
         """Stop, DISCARD what changed since it was sent, devices, LISTEN, RUN, wait for the ack."""
         assert self.ram is not None and self.main is not None
         st, ram = self.state, self.ram
+        if self.capabilities.get("postcopy-preempt"):
+            with trio.fail_after(WORKER_LINK_TIMEOUT):
+                await self._worker_linked.wait()  # the guest still runs here
         stop_at = await self._stop_guest()
         st.set_status(S.DEVICE)
         await self._send(SwitchoverStart())
