@@ -149,6 +149,8 @@ class PreemptWorker:
             if ready.get("op") != "ready":
                 raise WorkerError(f"{self.name}: expected ready, got {ready!r:.200}")
             self.realtime = bool(ready.get("realtime"))
+            if not self.realtime:
+                log.info("%s: no SCHED_FIFO (CAP_SYS_NICE?): page requests may wait", self.name)
             task_status.started()
             while True:
                 msg = await self._receive()
@@ -594,7 +596,10 @@ class _Mapping:
 
 
 def _set_realtime() -> bool:
-    """The whole worker is the request path: SCHED_FIFO 1, as the agents' threads were."""
+    """The whole worker is the request path: SCHED_FIFO 1 (agents/threads.py says why).
+
+    It blocks in poll between messages, and the kernel's RT throttling keeps 5 %
+    of every second for everyone else whatever it does."""
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
         return True
