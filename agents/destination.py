@@ -244,9 +244,7 @@ class IncomingMigration:
         st.ram.page_size = config.ramblocks[0].page_size if config.ramblocks else 4096
         st.ram.total = sum(b.size for b in config.ramblocks)
         if self._wants_worker():
-            worker = PreemptWorker("destination", f"{st.guest}/preempt", self._worker_stats)
-            await self.nursery.start(worker.run, {"identity": self.agent.worker_identity()}, [])
-            self.worker = worker  # ready: _preempt_links may hand it the connection
+            await self._start_worker()
         st.set_status(S.ACTIVE)
         with trio.fail_after(CHANNEL_TIMEOUT):
             await self.return_attached.wait()
@@ -435,9 +433,38 @@ class IncomingMigration:
                 raise ProtocolError("a preempt channel without postcopy-preempt", channel="preempt")
             if self.worker.stopped.is_set():  # every page is here: a recovery only for SHUT
                 os.close(fd)
-            else:
-                await self.worker.connect(fd, early, tls=tls)
+                self.preempt_attached.set()
+                continue
+            try:
+                if self.worker.dead.is_set():
+                    await self._start_worker()
+            except BaseException:
+                os.close(fd)
+                raise
+            await self.worker.connect(fd, early, tls=tls)
             self.preempt_attached.set()
+
+    async def _start_worker(self) -> None:
+        """A fault worker (at setup; again at a recovery if the last one failed)."""
+        assert self.nursery is not None
+        worker = PreemptWorker("destination", f"{self.state.guest}/preempt", self._worker_stats)
+        await self.nursery.start(worker.run, {"identity": self.agent.worker_identity()}, [])
+        if self.ram is not None and self.ram.placer is not None:  # postcopy is under way
+            worker.survivable = True
+            await self._give_uffd(worker)
+        self.worker = worker  # ready: _preempt_links may hand it the connection
+
+    async def _give_uffd(self, worker: PreemptWorker) -> None:
+        guest = self._guest()
+        mappings = [
+            {"name": m.name, "addr": m.addr, "size": m.size, "page_size": m.page_size}
+            for m in guest.mappings
+        ]
+        await worker.set_uffd(guest.placer().fileno(), mappings)
+
+    async def _watch_worker(self, worker: PreemptWorker) -> None:
+        await worker.dead.wait()
+        raise PausePostcopy(f"the fault worker failed: {worker.failure}")
 
     def _wants_worker(self) -> bool:
         caps = self.config.capabilities if self.config is not None else {}
@@ -473,11 +500,8 @@ class IncomingMigration:
                 await self.preempt_attached.wait()
         placer = self._guest().placer()
         if self.worker is not None:
-            mappings = [
-                {"name": m.name, "addr": m.addr, "size": m.size, "page_size": m.page_size}
-                for m in self._guest().mappings
-            ]
-            await self.worker.set_uffd(placer.fileno(), mappings)
+            self.worker.survivable = True  # from here a failed worker pauses postcopy
+            await self._give_uffd(self.worker)
         # Each thread places with its own placer (ioctl buffers are per placer).
         self.faults = FaultService(placer.sibling(), self.ram.received, st.postcopy)
         self.ram.placer = placer
@@ -578,7 +602,7 @@ class IncomingMigration:
         async with self.placing:  # no placement in flight when the uffd goes
             pass
         await self._stop_fault_thread()
-        if self.worker is not None:
+        if self.worker is not None and not self.worker.dead.is_set():
             await self.worker.stop()  # its last figures, and no placement after this
         if self.ram.placer is not None:
             await self._guest().postcopy_end()
@@ -609,6 +633,8 @@ class IncomingMigration:
             async with trio.open_nursery() as nursery:
                 if thread is not None:
                     nursery.start_soon(thread.run, self._fault_thread, thread)
+                if self.worker is not None:
+                    nursery.start_soon(self._watch_worker, self.worker)
                 nursery.start_soon(self._postcopy_main)
                 nursery.start_soon(self.liveness.run, self._ping)
                 nursery.start_soon(watch_pause, self.pause_requested)

@@ -84,7 +84,7 @@ STATS_INTERVAL = 0.02
 
 START_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 10.0
-RECEIVE_CHUNK = 1 << 20
+RECEIVE_CHUNK = 64 << 10
 CONTROL_MAX = 1 << 20
 """Largest control message (statistics carry latencies: ~100 per message)."""
 ROLES = ("source", "destination")
@@ -118,6 +118,13 @@ class PreemptWorker:
         self.disconnect_reason: str | None = None
         self.realtime = False
         self.stopped = trio.Event()
+        self.dead = trio.Event()
+        """Set when the worker failed or exited unasked once :attr:`survivable`."""
+        self.failure: str | None = None
+        self.survivable = False
+        """Postcopy sets it: from then on a failed worker must not end the migration
+        (no host has the whole guest) but pause it; :meth:`run` then returns
+        quietly, :attr:`dead` is set, and the agent starts another at recovery."""
         self.epoch = 0
         """Connections handed over so far: the worker tags what it reports with the
         epoch of the link it used, so a report that lags behind a recovery is known."""
@@ -152,26 +159,36 @@ class PreemptWorker:
             if not self.realtime:
                 log.info("%s: no SCHED_FIFO (CAP_SYS_NICE?): page requests may wait", self.name)
             task_status.started()
-            while True:
-                msg = await self._receive()
-                op = msg.get("op")
-                if op == "stats":
-                    self.on_stats(msg)
-                elif op == "connected":
-                    self.disconnect_reason = None
-                    self.connected.set()
-                elif op == "disconnected":
-                    self.disconnect_reason = str(msg.get("reason"))
-                    self.connected = trio.Event()
-                    log.info("%s: link lost: %s", self.name, self.disconnect_reason)
-                elif op == "stopped":
-                    self.stopped.set()
-                    return
-                elif op == "error":
-                    raise WorkerError(f"{self.name}: {msg.get('message')}")
+            try:
+                await self._serve()
+            except (WorkerError, OSError) as exc:
+                self.failure = str(exc)
+                self.dead.set()
+                if not self.survivable:
+                    raise
+                log.warning("%s failed: %s", self.name, exc)
         finally:
             with trio.CancelScope(shield=True):
                 await self._reap()
+
+    async def _serve(self) -> None:
+        while True:
+            msg = await self._receive()
+            op = msg.get("op")
+            if op == "stats":
+                self.on_stats(msg)
+            elif op == "connected":
+                self.disconnect_reason = None
+                self.connected.set()
+            elif op == "disconnected":
+                self.disconnect_reason = str(msg.get("reason"))
+                self.connected = trio.Event()
+                log.info("%s: link lost: %s", self.name, self.disconnect_reason)
+            elif op == "stopped":
+                self.stopped.set()
+                return
+            elif op == "error":
+                raise WorkerError(f"{self.name}: {msg.get('message')}")
 
     async def _reap(self) -> None:
         if self._sock is not None:
@@ -258,6 +275,7 @@ class Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.decoder = FrameDecoder(channel="preempt")
+        self._buffer = memoryview(bytearray(RECEIVE_CHUNK))
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -308,12 +326,13 @@ class Connection:
     def receive(self) -> list[Message]:
         """The messages one read completes (possibly none); raises EOFError at EOF."""
         if not self.decoder.frames_ready:
-            buf = self.decoder.get_buffer(RECEIVE_CHUNK)
-            n = self.sock.recv_into(buf)
-            self.decoder.buffer_updated(n)
+            # One read takes what the TLS record holds (a request, or a page with
+            # its header); feed() cuts it into frames.
+            n = self.sock.recv_into(self._buffer)
             if n == 0:
                 self.decoder.eof()
                 raise EOFError("closed by the peer")
+            self.decoder.feed(self._buffer[:n])
             self.bytes_received += n
         out: list[Message] = []
         while (frame := self.decoder.next_frame()) is not None:

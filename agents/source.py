@@ -266,6 +266,7 @@ class OutgoingMigration:
     async def _start_worker(self, blocks: Any) -> None:
         """Start the request worker and hand it the preempt connection."""
         worker = PreemptWorker("source", f"{self.state.guest}/preempt", self._worker_stats)
+        worker.survivable = self.run_acked  # a restart in postcopy
         setup = {
             "identity": self.agent.worker_identity(),
             "detect_zero": self.parameters.get("zero-page-detection", "legacy") != "none",
@@ -278,6 +279,10 @@ class OutgoingMigration:
         with trio.fail_after(WORKER_LINK_TIMEOUT):
             await worker.connected.wait()
         self._worker_linked.set()
+
+    async def _watch_worker(self, worker: PreemptWorker) -> None:
+        await worker.dead.wait()
+        raise PausePostcopy(f"the request worker failed: {worker.failure}")
 
     async def _hand_over_preempt(self) -> None:
         """End TLS on the preempt connection; the worker handshakes anew on it."""
@@ -495,6 +500,8 @@ class OutgoingMigration:
         with trio.fail_after(RUN_ACK_TIMEOUT):
             await self.run_ack.wait()
         self.run_acked = True
+        if self.worker is not None:
+            self.worker.survivable = True  # from here a failed worker pauses postcopy
         st.downtime_ms = (time.monotonic() - stop_at) * 1000
         st.expected_downtime_ms = None
         st.set_status(S.POSTCOPY_ACTIVE)
@@ -533,6 +540,8 @@ class OutgoingMigration:
                 nursery.start_soon(self._serve_requests, self._requests)
                 nursery.start_soon(self.liveness.run, self._send)
                 nursery.start_soon(watch_pause, self.pause_requested)
+                if self.worker is not None:
+                    nursery.start_soon(self._watch_worker, self.worker)
                 if self.ram.pending_pages():
                     await self.ram.send_background(self._send, checkpoint=self._checkpoint)
                 if not self.complete_sent:
@@ -540,7 +549,7 @@ class OutgoingMigration:
                     self.complete_sent = True
                     await self._late_duplicate_hook()
                 await self.shut_received.wait()
-                if self.worker is not None:
+                if self.worker is not None and not self.worker.dead.is_set():
                     await self.worker.stop()  # its last figures
                 nursery.cancel_scope.cancel()
 
@@ -635,7 +644,9 @@ class OutgoingMigration:
         st.set_status(S.POSTCOPY_RECOVER)
         if self.capabilities.get("postcopy-preempt"):
             self.preempt = await self._open(ChannelKind.PREEMPT, resume=True)  # after main, as QEMU
-            if self.worker is not None:
+            if self.worker is None or self.worker.dead.is_set():
+                await self._start_worker(self.guest.blocks)  # the last one failed
+            else:
                 await self._hand_over_preempt()
         for index in range(len(ram.blocks)):
             await self.main.send(RecvBitmapRequest(index))

@@ -195,3 +195,32 @@ async def test_soak_twenty_cuts_and_recoveries_in_one_postcopy(pair):
         assert info["recoveries"] == rounds
         check = await dst.client.execute("guest-verify", {"guest": "vm1", "method": "counter"})
         assert check["verified"], check
+
+
+def _migration(agent, role):
+    """The one migration an in-process agent runs."""
+    if role == "destination":
+        [migration] = agent.incoming.values()
+    else:
+        [migration] = [e.migration for e in agent.guests.values() if e.migration is not None]
+    return migration
+
+
+@pytest.mark.parametrize("role", ["destination", "source"])
+async def test_a_preempt_worker_killed_mid_postcopy_pauses_and_recovery_starts_another(pair, role):
+    """Postcopy must survive its request path dying: the agent pauses (no host has
+    the whole guest), and recovery runs with a new worker."""
+    src, dst = pair
+    async with FaultProxy(target_port=dst.agent.listen_port) as proxy:
+        await _postcopy_through(proxy, src, dst, preempt=True)
+        migration = _migration(dst.agent if role == "destination" else src.agent, role)
+        worker = migration.worker
+        assert worker is not None and worker.process is not None
+        worker.process.kill()
+        s, d = await _both(src, dst, PAUSED, timeout=10 * DEADLINE + 10)
+        mine = d if role == "destination" else s
+        assert "worker failed" in mine["error-desc"], mine["error-desc"]
+        await _recover(proxy, src, dst)
+        await _finish_and_verify(src, dst)
+    assert migration.worker is not worker  # a new one served the rest
+    assert migration.worker.stopped.is_set()  # and was stopped at the end, not killed
