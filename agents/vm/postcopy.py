@@ -20,6 +20,7 @@ Rules from linux-uffd.md that this module encodes:
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
 import fcntl
 import os
@@ -38,6 +39,15 @@ _FAULT = struct.Struct("<B15xQ8x")
 _COPY = struct.Struct("<QQQQq")
 _ZERO = struct.Struct("<QQQq")
 MAX_EAGAIN_RETRIES = 10_000
+
+
+def _address_of(view: memoryview) -> int:
+    """Where a buffer's bytes are, for UFFDIO_COPY's ``src``: ctypes takes ~0.4 µs,
+    numpy's ``.ctypes.data`` ~4 µs (it is on every postcopy request's path)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except TypeError:  # read-only memory: numpy finds it too
+        return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
 class UffdPlacer:
@@ -141,14 +151,16 @@ class UffdPlacer:
 
         Pages already present are woken and skipped (not counted).
         """
-        src = np.frombuffer(data, dtype=np.uint8)  # type: ignore[call-overload]
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
         ps = self.mappings[block].page_size
-        if len(src) % ps:
+        if len(view) % ps:
             raise PlacementError(
-                f"{self._where(block, first_page, len(src) // ps)}: {len(src)} bytes is not whole pages of {ps}"
+                f"{self._where(block, first_page, len(view) // ps)}: {len(view)} bytes is not whole pages of {ps}"
             )
-        dst, length, ps = self._range(block, first_page, len(src) // ps)
-        src_addr = int(src.ctypes.data)
+        dst, length, ps = self._range(block, first_page, len(view) // ps)
+        if not length:
+            return 0
+        src_addr = _address_of(view)
 
         def fill(done: int) -> None:
             _COPY.pack_into(self._arg, 0, dst + done, src_addr + done, length - done, 0, 0)
