@@ -132,6 +132,8 @@ class IncomingMigration:
         self.worker: PreemptWorker | None = None
         """With postcopy-preempt: the fault service in a process of its own (agents/preempt.py)."""
         self._preempt_in, self._preempt_out = trio.open_memory_channel[Channel](4)
+        self.worker_decided = trio.Event()
+        """CONFIG is read and the worker, if preempt wants one, runs."""
         self.cancel_scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
         self.done = trio.Event()
@@ -245,6 +247,7 @@ class IncomingMigration:
         st.ram.total = sum(b.size for b in config.ramblocks)
         if self._wants_worker():
             await self._start_worker()
+        self.worker_decided.set()
         st.set_status(S.ACTIVE)
         with trio.fail_after(CHANNEL_TIMEOUT):
             await self.return_attached.wait()
@@ -423,31 +426,29 @@ class IncomingMigration:
             fd, early = await channel.stream.handover()
             await channel.aclose()  # the listener's handler lets go of it
             try:
-                while self.config is None or (self.worker is None and self._wants_worker()):
-                    await trio.sleep(0.005)  # the connection can come before CONFIG
-            except BaseException:
-                os.close(fd)
-                raise
-            if self.worker is None:
-                os.close(fd)
-                raise ProtocolError("a preempt channel without postcopy-preempt", channel="preempt")
-            if self.worker.stopped.is_set():  # every page is here: a recovery only for SHUT
-                os.close(fd)
-                self.preempt_attached.set()
-                continue
-            try:
+                await self.worker_decided.wait()  # the connection can come before CONFIG
+                if self.worker is None:
+                    raise ProtocolError(
+                        "a preempt channel without postcopy-preempt", channel="preempt"
+                    )
                 if self.worker.dead.is_set():
                     await self._start_worker()
             except BaseException:
                 os.close(fd)
                 raise
-            await self.worker.connect(fd, early, tls=tls)
+            if self.worker.stopped.is_set():  # every page is here: a recovery only for SHUT
+                os.close(fd)
+            else:
+                await self.worker.connect(fd, early, tls=tls)
             self.preempt_attached.set()
 
     async def _start_worker(self) -> None:
         """A fault worker (at setup; again at a recovery if the last one failed)."""
         assert self.nursery is not None
-        worker = PreemptWorker("destination", f"{self.state.guest}/preempt", self._worker_stats)
+        st = self.state
+        worker = PreemptWorker(
+            "destination", f"{st.guest}/preempt", self._worker_stats, st.channels
+        )
         await self.nursery.start(worker.run, {"identity": self.agent.worker_identity()}, [])
         if self.ram is not None and self.ram.placer is not None:  # postcopy is under way
             worker.survivable = True
@@ -484,11 +485,6 @@ class IncomingMigration:
         blocked = float(msg.get("blocktime_ms", 0.0))
         st.postcopy.blocktime_ms += blocked
         st.postcopy.vcpu_blocktime_ms[0] += blocked
-        stats = st.channels.get("preempt")
-        if stats is not None:
-            stats.bytes_sent = int(msg.get("bytes_sent", stats.bytes_sent))
-            stats.bytes_received = int(msg.get("bytes_received", stats.bytes_received))
-            stats.connected = self.worker is not None and self.worker.connected.is_set()
 
     async def _listen(self) -> None:
         """POSTCOPY_LISTEN: place pages atomically from now on and serve the guest's faults."""
@@ -559,10 +555,10 @@ class IncomingMigration:
             raise trio.ClosedResourceError("no return path")
         await self.ret.send(req)
 
-    def _arrived(self, block: int, pages: Any, placed_ns: int) -> None:
+    def _arrived(self, block: int, pages: Any) -> None:
         """RamReceiver.on_arrival, called under ``ram_lock`` from either thread."""
         assert self.faults is not None
-        self.faults.arrived(block, pages, placed_ns)
+        self.faults.arrived(block, pages)
 
     async def _run_guest(self) -> None:
         """POSTCOPY_RUN: the guest runs here from now on, with pages still missing."""
@@ -748,7 +744,7 @@ class IncomingMigration:
             await self.preempt_attached.wait()
         await self.ret.send(ResumeAck())
         self.complete_seen = False
-        resent = await self.faults.resend_pending(self._request)  # the worker asks on its own
+        resent = await self.faults.resend_pending(self._request)  # none with a fault worker
         log.info("recovered %s: %d page requests sent again", self.state.guest, resent)
 
     # -- endings -------------------------------------------------------------

@@ -166,10 +166,8 @@ class FaultService:
 
     # -- arrivals --------------------------------------------------------------
 
-    def arrived(self, block: int, pages: np.ndarray, placed_ns: int) -> None:
-        """Pages of ``block`` were placed at ``placed_ns`` (monotonic): settle the
-        requests they answer.  A request's latency ends at its placement, as
-        QEMU's does (the vCPU runs from there), not when this bookkeeping runs."""
+    def arrived(self, block: int, pages: np.ndarray) -> None:
+        """Pages of ``block`` are now in place: settle the requests they answer."""
         if not self.pending:
             return
         requested = self.requested[block]
@@ -185,7 +183,7 @@ class FaultService:
                 return
             requested.clear_indices(found)
             hits = found.tolist()
-        now = placed_ns
+        now = time.monotonic_ns()
         for page in hits:
             entry = self.pending.pop((block, page), None)
             if entry is not None:

@@ -50,6 +50,7 @@ The worker exits when the agent's end closes: it never outlives its agent.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import logging
@@ -70,7 +71,10 @@ from protocol.errors import ProtocolError
 from protocol.frames import FrameDecoder
 from protocol.messages import Error, Message, Pages, ReqPages, Zero, decode_message
 
+from .channel import frame_size
+from .migration import ChannelStats
 from .pki import Identity
+from .threads import set_realtime
 from .vm import ctl
 
 log = logging.getLogger("godwit.preempt")
@@ -85,6 +89,8 @@ STATS_INTERVAL = 0.02
 START_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 10.0
 RECEIVE_CHUNK = 64 << 10
+JOIN_LIMIT = 64 << 10
+"""Frames up to this size are joined into one write: a 4 KiB page and its header."""
 CONTROL_MAX = 1 << 20
 """Largest control message (statistics carry latencies: ~100 per message)."""
 ROLES = ("source", "destination")
@@ -103,15 +109,24 @@ class PreemptWorker:
     :meth:`run` (started with ``nursery.start``) spawns it, sends ``setup``
     and reports ready; it then receives the worker's messages until the
     worker exits, and kills it if cancelled.  ``on_stats`` gets every
-    statistics message (the trio thread).
+    statistics message (the trio thread), after the ``preempt`` row of
+    ``channels`` has taken its byte counts.
     """
 
-    def __init__(self, role: str, name: str, on_stats: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        role: str,
+        name: str,
+        on_stats: Callable[[dict[str, Any]], None],
+        channels: dict[str, ChannelStats],
+    ) -> None:
         if role not in ROLES:
             raise ValueError(f"preempt worker role {role!r}: expected one of {ROLES}")
         self.role = role
         self.name = name
         self.on_stats = on_stats
+        self.channels = channels
+        """The migration's channel table: the worker's link shows as ``preempt``."""
         self.process: trio.Process | None = None
         self._sock: trio.socket.SocketType | None = None
         self.connected = trio.Event()
@@ -176,6 +191,11 @@ class PreemptWorker:
             msg = await self._receive()
             op = msg.get("op")
             if op == "stats":
+                link = self.channels.get("preempt")
+                if link is not None:
+                    link.bytes_sent = int(msg.get("bytes_sent", link.bytes_sent))
+                    link.bytes_received = int(msg.get("bytes_received", link.bytes_received))
+                    link.connected = self.connected.is_set()
                 self.on_stats(msg)
             elif op == "connected":
                 self.disconnect_reason = None
@@ -317,11 +337,17 @@ class Connection:
         return pending > 0 or self.decoder.frames_ready
 
     def send(self, message: Message) -> int:
+        """Send one frame: small ones as one write (one TLS record), a large page
+        (a 2 MiB huge page) part by part, without copying it."""
         parts = message.encode()
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.sock.sendall(data)
-        self.bytes_sent += len(data)
-        return len(data)
+        size = frame_size(parts)
+        if size <= JOIN_LIMIT:
+            self.sock.sendall(parts[0] if len(parts) == 1 else b"".join(parts))
+        else:
+            for part in parts:
+                self.sock.sendall(part)
+        self.bytes_sent += size
+        return size
 
     def receive(self) -> list[Message]:
         """The messages one read completes (possibly none); raises EOFError at EOF."""
@@ -350,7 +376,7 @@ class Connection:
 LINK_ERRORS = (OSError, EOFError, ssl.SSLError, ProtocolError)
 
 
-class Worker:
+class Worker(abc.ABC):
     """What both roles share: the control socket, the link, the poll loop, statistics."""
 
     def __init__(self, control: socket.socket, setup: dict[str, Any]) -> None:
@@ -409,8 +435,8 @@ class Worker:
     def on_other(self, op: Any, msg: dict[str, Any], fds: list[int]) -> None:
         raise ProtocolError(f"unexpected control message {op!r}", channel="control")
 
-    def on_connected(self) -> None:
-        pass
+    def on_connected(self) -> None:  # noqa: B027 - a hook: only the fault worker has work here
+        """A new link is up (the fault worker asks again for what is pending)."""
 
     def drop(self, reason: str) -> None:
         if self.conn is not None:
@@ -459,11 +485,13 @@ class Worker:
             self.flush()
             self.tell({"op": "stopped"})
 
+    @abc.abstractmethod
     def on_message(self, message: Message) -> None:
-        raise NotImplementedError
+        """One message from the peer's worker."""
 
     def on_fd(self, fd: int, events: int) -> None:
-        raise NotImplementedError
+        """A file descriptor a role added to :meth:`watched` is ready."""
+        raise ProtocolError(f"fd {fd} is ready but nothing watches it", channel="control")
 
     def send(self, message: Message) -> int:
         """Bytes sent; 0 if there is no link (or it just broke)."""
@@ -614,18 +642,6 @@ class _Mapping:
         self.name, self.addr, self.size, self.page_size = name, addr, size, page_size
 
 
-def _set_realtime() -> bool:
-    """The whole worker is the request path: SCHED_FIFO 1 (agents/threads.py says why).
-
-    It blocks in poll between messages, and the kernel's RT throttling keeps 5 %
-    of every second for everyone else whatever it does."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-        return True
-    except OSError:
-        return False
-
-
 def main(argv: list[str]) -> int:
     control = socket.socket(fileno=int(argv[0]))
     with contextlib.suppress(OSError):  # never outlive the agent
@@ -642,7 +658,8 @@ def main(argv: list[str]) -> int:
             worker = FaultWorker(control, setup)
         else:
             worker = RequestWorker(control, setup, fds)
-        realtime = _set_realtime()
+        # The whole worker is the request path: SCHED_FIFO, as the agents' threads.
+        realtime = set_realtime(True, "preempt worker")
         worker.tell({"op": "ready", "realtime": realtime, "pid": os.getpid()})
         worker.run()
     except Exception as exc:

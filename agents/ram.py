@@ -302,8 +302,7 @@ class RamSender:
             else:
                 self.stats.normal += count
         self.stats.postcopy_requests += len(served)
-        self.stats.transferred += nbytes
-        self.stats.postcopy_bytes += nbytes
+        self._count_bytes(nbytes, "postcopy")
         self.update_remaining()
 
     async def send_requested(
@@ -390,6 +389,9 @@ class RamSender:
             else:
                 self.stats.normal += count
         self.sent_once[block_index].set_indices(batch)
+        self._count_bytes(nbytes, phase)
+
+    def _count_bytes(self, nbytes: int, phase: str) -> None:
         self.stats.transferred += nbytes
         if phase == "precopy":
             self.stats.precopy_bytes += nbytes
@@ -535,8 +537,7 @@ class RamReceiver:
         self.placer: Any = None
         """Set at POSTCOPY_LISTEN: from then on pages are placed atomically with
         UFFDIO_COPY (which also wakes a vCPU waiting on them), never written."""
-        self.on_arrival: Callable[[int, np.ndarray, int], None] | None = None
-        """Called with (block, pages, when they were placed in monotonic ns)."""
+        self.on_arrival: Callable[[int, np.ndarray], None] | None = None
         self.sealed = False
         """Set the moment postcopy holds every page.  From then on only the guest
         writes its RAM: a page frame still in flight (a page both requested and
@@ -545,9 +546,9 @@ class RamReceiver:
         writes.  Such frames are dropped and counted in ``late_duplicates``."""
         self.late_duplicates = 0
 
-    def _arrived(self, block: int, pages: np.ndarray, placed_ns: int) -> None:
+    def _arrived(self, block: int, pages: np.ndarray) -> None:
         if self.on_arrival is not None:
-            self.on_arrival(block, pages, placed_ns)
+            self.on_arrival(block, pages)
 
     def apply_discard(self, msg: Discard) -> None:
         """Drop pages re-dirtied after they were sent: they must fault again."""
@@ -631,7 +632,7 @@ class RamReceiver:
             self.received[msg.block].set_range(msg.first_page, msg.count)
         else:
             self.received[msg.block].set_indices(pages)
-        self._arrived(msg.block, pages, time.monotonic_ns())
+        self._arrived(msg.block, pages)
         return len(pages)
 
     def missing(self) -> int:

@@ -117,11 +117,11 @@ class OutgoingMigration:
         self.ret: Channel | None = None
         self.preempt: Channel | None = None
         self.worker: PreemptWorker | None = None
+        """With postcopy-preempt: requests served in a process of its own (agents/preempt.py)."""
         self._workers: trio.Nursery | None = None
         self._worker_linked = trio.Event()
         """The request worker runs and holds the preempt connection: the switch to
         postcopy waits for it, so its start never counts as downtime."""
-        """With postcopy-preempt: requests served in a process of its own (agents/preempt.py)."""
         self.multifd: MultifdSender | None = None
         self.ram: RamSender | None = None
         self.meter = BandwidthMeter()
@@ -265,7 +265,8 @@ class OutgoingMigration:
 
     async def _start_worker(self, blocks: Any) -> None:
         """Start the request worker and hand it the preempt connection."""
-        worker = PreemptWorker("source", f"{self.state.guest}/preempt", self._worker_stats)
+        st = self.state
+        worker = PreemptWorker("source", f"{st.guest}/preempt", self._worker_stats, st.channels)
         worker.survivable = self.run_acked  # a restart in postcopy
         setup = {
             "identity": self.agent.worker_identity(),
@@ -294,18 +295,12 @@ class OutgoingMigration:
 
     def _worker_stats(self, msg: dict[str, Any]) -> None:
         """The request worker's figures since its last message (trio thread)."""
-        st = self.state
         if self.ram is not None and self.worker is not None:
             # Served on a link a recovery has replaced: the destination's RECV_BITMAP
             # decided whether those pages arrived; the background resends the rest.
             epoch = self.worker.epoch
             served = [s[:4] for s in msg.get("served", ()) if s[4] == epoch]
             self.ram.account_served(served, int(msg.get("sent", 0)))
-        stats = st.channels.get("preempt")
-        if stats is not None:
-            stats.bytes_sent = int(msg.get("bytes_sent", stats.bytes_sent))
-            stats.bytes_received = int(msg.get("bytes_received", stats.bytes_received))
-            stats.connected = self.worker is not None and self.worker.connected.is_set()
 
     async def _send(self, message: Any) -> int:
         assert self.main is not None

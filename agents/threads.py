@@ -86,12 +86,12 @@ class OwnedThread:
             self.done.set()
 
     def _body(self, fn: Callable[..., Any], *args: Any) -> Any:
-        boosted = self.realtime and _set_realtime(True, self.name)
+        boosted = self.realtime and set_realtime(True, self.name)
         try:
             return fn(*args)
         finally:
             if boosted:  # the worker goes back to trio's thread cache
-                _set_realtime(False, self.name)
+                set_realtime(False, self.name)
 
     async def _abort_on_cancel(self) -> None:
         try:
@@ -220,7 +220,7 @@ everything the system runs at real-time priority."""
 _realtime_refused = False
 
 
-def _set_realtime(on: bool, name: str) -> bool:
+def set_realtime(on: bool, name: str) -> bool:
     """Put the calling thread in (or back out of) SCHED_FIFO; False if not allowed.
 
     On two cores saturated by the background stream, a request-path thread

@@ -1,20 +1,18 @@
 """Postcopy (with and without the preempt channel) between two real agents.
 
 The destination guest runs before all its memory has arrived: every touch of
-a missing page faults into userfaultfd, is asked for on the return path and
+a missing page faults into userfaultfd, is asked for (on the return path, or on
+the preempt connection by the preempt workers) and
 placed atomically.  Each story ends by checking the guest's memory.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import trio
 from conftest import set_caps, start_postcopy_migration
-
-from agents.vm.ramblock import free_huge_pages
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (userfaultfd, PAGEMAP_SCAN)")
 
@@ -148,30 +146,11 @@ async def test_a_late_duplicate_page_never_overwrites_what_the_guest_wrote(pair)
     assert check["verified"], check
 
 
-NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
-
-
-@pytest.fixture
-def reserved_huge_pages():
-    """2 MiB pages for a 32 MiB guest on each side (and a margin), given back after."""
-    need = 40
-    try:
-        before = int(NR_HUGEPAGES.read_text())
-        NR_HUGEPAGES.write_text(str(before + need))
-    except OSError as e:
-        pytest.skip(f"cannot reserve huge pages via {NR_HUGEPAGES}: {e}")
-    try:
-        if free_huge_pages() < need:
-            pytest.skip(f"kernel reserved only {free_huge_pages()} of {need} 2 MiB pages")
-        yield
-    finally:
-        NR_HUGEPAGES.write_text(str(before))
-
-
 @pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
-async def test_huge_page_guest_faults_and_gets_whole_huge_pages(pair, reserved_huge_pages, preempt):
+async def test_huge_page_guest_faults_and_gets_whole_huge_pages(pair, reserve_huge_pages, preempt):
     """Each request is for a whole 2 MiB page and is placed whole (with preempt,
     by the fault worker, the page sent whole by the request worker)."""
+    reserve_huge_pages(40)  # a 32 MiB guest on each side, and a margin
     src, dst = pair
     await start_postcopy_migration(src, dst, memory="32M", preempt=preempt, hugetlb=True)
     info = await src.client.wait_status(

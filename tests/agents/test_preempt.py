@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -26,7 +27,7 @@ def _memfd(size: int) -> int:
 
 async def test_a_worker_starts_says_ready_and_is_reaped_when_its_owner_is_cancelled() -> None:
     fd = _memfd(1 << 20)
-    worker = PreemptWorker("source", "test/preempt", lambda msg: None)
+    worker = PreemptWorker("source", "test/preempt", lambda msg: None, {})
     setup = {"identity": None, "blocks": [{"name": "ram0", "size": 1 << 20, "page_size": 4096}]}
     try:
         async with trio.open_nursery() as nursery:
@@ -41,7 +42,7 @@ async def test_a_worker_starts_says_ready_and_is_reaped_when_its_owner_is_cancel
 async def test_stop_sends_the_last_statistics_and_ends_run() -> None:
     fd = _memfd(1 << 20)
     seen: list[dict] = []
-    worker = PreemptWorker("source", "test/preempt", seen.append)
+    worker = PreemptWorker("source", "test/preempt", seen.append, {})
     setup = {"identity": None, "blocks": [{"name": "ram0", "size": 1 << 20, "page_size": 4096}]}
     try:
         async with trio.open_nursery() as nursery:
@@ -77,37 +78,33 @@ def test_a_worker_exits_by_itself_when_its_agent_hangs_up() -> None:
             proc.kill()
 
 
+@pytest.fixture
+def link() -> Iterator[tuple[int, socket.socket]]:
+    """A connected pair: an fd for Connection.open to own, and the peer's end."""
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        yield os.dup(ours.fileno()), peer
+
+
 @pytest.mark.parametrize(
     ("role", "early"), [("source", b"GX"), ("source", b"X"), ("destination", GO)]
 )
-def test_stray_bytes_at_handover_are_refused(role: str, early: bytes) -> None:
-    a, b = socket.socketpair()
-    try:
-        with pytest.raises(ProtocolError, match="stray bytes"):
-            Connection.open(os.dup(a.fileno()), role, None, None, early)
-    finally:
-        a.close()
-        b.close()
+def test_stray_bytes_at_handover_are_refused(link, role: str, early: bytes) -> None:
+    fd, _peer = link
+    with pytest.raises(ProtocolError, match="stray bytes"):
+        Connection.open(fd, role, None, None, early)
 
 
-def test_the_source_end_takes_the_go_ahead_and_nothing_more() -> None:
-    a, b = socket.socketpair()
-    try:
-        b.sendall(GO + b"payload")
-        conn = Connection.open(os.dup(a.fileno()), "source", None, None, b"")
-        assert conn.sock.recv(7) == b"payload"
-        conn.close()
-    finally:
-        a.close()
-        b.close()
+def test_the_source_end_takes_the_go_ahead_and_nothing_more(link) -> None:
+    fd, peer = link
+    peer.sendall(GO + b"payload")
+    conn = Connection.open(fd, "source", None, None, b"")
+    assert conn.sock.recv(7) == b"payload"
+    conn.close()
 
 
-def test_anything_but_the_go_ahead_is_refused() -> None:
-    a, b = socket.socketpair()
-    try:
-        b.sendall(b"X")
-        with pytest.raises(ProtocolError, match="no go-ahead"):
-            Connection.open(os.dup(a.fileno()), "source", None, None, b"")
-    finally:
-        a.close()
-        b.close()
+def test_anything_but_the_go_ahead_is_refused(link) -> None:
+    fd, peer = link
+    peer.sendall(b"X")
+    with pytest.raises(ProtocolError, match="no go-ahead"):
+        Connection.open(fd, "source", None, None, b"")

@@ -2,8 +2,6 @@
 its dirty log and postcopy placement work in whole huge pages.  The test reserves the
 pages it needs through /proc/sys/vm/nr_hugepages and gives them back."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import trio
@@ -13,25 +11,12 @@ from agents.vm.ramblock import HUGE_PAGE_SIZE, RamBlock, free_huge_pages
 from agents.vm.verify import counter_check
 
 pytestmark = pytest.mark.root
-NR = Path("/proc/sys/vm/nr_hugepages")
 NEED = 24
 
 
 @pytest.fixture
-def huge_pages():
-    try:
-        before = int(NR.read_text())
-        NR.write_text(str(before + NEED))
-    except OSError as e:
-        pytest.skip(f"cannot reserve huge pages via {NR}: {e}")
-    try:
-        if free_huge_pages() < NEED:
-            pytest.skip(
-                f"kernel reserved only {free_huge_pages()} of {NEED} 2 MiB pages (memory fragmented?)"
-            )
-        yield
-    finally:
-        NR.write_text(str(before))
+def huge_pages(reserve_huge_pages):
+    reserve_huge_pages(NEED)
 
 
 def test_no_reserved_pages_is_a_clear_error():
