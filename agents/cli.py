@@ -26,6 +26,15 @@ EXTENSIONS = ("agents.cli_lab", "agents.cli_file", "agents.cli_service")
 (None: not one of its verbs).  Keeps each concern's CLI next to its code."""
 
 
+def _cpu_list(text: str) -> frozenset[int]:
+    from .threads import parse_cpu_list
+
+    try:
+        return parse_cpu_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _extensions() -> list[Any]:
     import importlib
 
@@ -91,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="while a postcopy runs, ask the kernel for zero CPU wake-up latency "
         "(/dev/cpu_dma_latency), so page faults never wait for an idle CPU to wake "
         "(default on)",
+    )
+    p.add_argument(
+        "--preempt-cpus",
+        type=_cpu_list,
+        metavar="LIST",
+        help="pin the postcopy preempt worker to these CPUs (1, 0-3,8: as taskset); "
+        "with both agents on one host, the same CPU for both makes every page "
+        "request's wake-up local (default: any CPU)",
     )
     p.add_argument(
         "--config", type=Path, metavar="FILE", help="TOML file with the same keys; flags win"
@@ -291,6 +308,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         "spare_guests",
         "ram_path",
         "pm_qos",
+        "preempt_cpus",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -304,14 +322,18 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         )
     if config.control is None and config.control_tls is None:
         config.control = Path(DEFAULT_AGENT)
-    if config.ram_path is not None:
-        from .vm.ramblock import ram_path_mount
+    try:
+        if config.ram_path is not None:
+            from .vm.ramblock import ram_path_mount
 
-        try:
             ram_path_mount(config.ram_path)
-        except ValueError as exc:
-            print(f"godwit agent: {exc}", file=sys.stderr)
-            return 2
+        if config.preempt_cpus is not None:
+            from .threads import check_cpus
+
+            check_cpus(config.preempt_cpus, "preempt-cpus")
+    except ValueError as exc:
+        print(f"godwit agent: {exc}", file=sys.stderr)
+        return 2
     trio.run(run_agent, config)
     return 0
 

@@ -45,6 +45,7 @@ from .control_server import ControlServer
 from .destination import IncomingMigration
 from .events import EventBus
 from .source import OutgoingMigration
+from .threads import check_cpus, parse_cpu_list
 from .transport import Transport, pki_identity, serve_migrations
 from .vm import verify
 from .vm.guest import Guest, GuestSpec
@@ -73,6 +74,10 @@ class AgentConfig:
     pm_qos: bool = True
     """While a postcopy runs, ask the kernel for zero CPU wake-up latency
     (agents/pmqos.py): faster page faults, idle CPUs polling meanwhile."""
+    preempt_cpus: frozenset[int] | None = None
+    """CPUs the postcopy preempt worker is pinned to (agents/preempt.py); None: any
+    CPU the agent may use.  A wake-up on the CPU a task already shares costs no
+    inter-processor interrupt, which a VM pays for with an exit."""
 
     @classmethod
     def from_toml(cls, path: Path) -> AgentConfig:
@@ -90,6 +95,7 @@ class AgentConfig:
             "spare-guests",
             "ram-path",
             "pm-qos",
+            "preempt-cpus",
         }
         unknown = set(data) - known
         if unknown:
@@ -101,6 +107,11 @@ class AgentConfig:
             attr = key.replace("-", "_")
             if attr in ("control", "pki", "state_dir", "ram_path"):
                 value = Path(value)
+            elif attr == "preempt_cpus":
+                try:
+                    value = parse_cpu_list(value)
+                except ValueError as exc:
+                    raise ValueError(f"{path}: preempt-cpus: {exc}") from None
             setattr(config, attr, value)
         return config
 
@@ -171,6 +182,8 @@ class Agent:
                     "for transparent huge pages",
                     config.ram_path,
                 )
+        if config.preempt_cpus is not None:
+            check_cpus(config.preempt_cpus, "preempt-cpus")  # refused here, not at a migration
         identity = pki_identity(config.pki, config.name) if config.pki else None
         self.transport = Transport(identity, config.insecure_plaintext)
         self.events = EventBus()
@@ -200,16 +213,21 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def worker_identity(self) -> dict[str, str] | None:
-        """This agent's TLS material for a preempt worker (agents/preempt.py) to load."""
+    def worker_setup(self) -> dict[str, Any]:
+        """What a preempt worker (agents/preempt.py) takes from this agent: its TLS
+        material to load, and the CPUs to run on."""
         ident = self.transport.identity
-        if ident is None:
-            return None
+        cpus = self.config.preempt_cpus
         return {
-            "name": ident.name,
-            "ca": str(ident.ca_path),
-            "cert": str(ident.cert_path),
-            "key": str(ident.key_path),
+            "identity": None
+            if ident is None
+            else {
+                "name": ident.name,
+                "ca": str(ident.ca_path),
+                "cert": str(ident.cert_path),
+                "key": str(ident.key_path),
+            },
+            "cpus": None if cpus is None else sorted(cpus),
         }
 
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:

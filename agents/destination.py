@@ -449,7 +449,7 @@ class IncomingMigration:
         worker = PreemptWorker(
             "destination", f"{st.guest}/preempt", self._worker_stats, st.channels
         )
-        await self.nursery.start(worker.run, {"identity": self.agent.worker_identity()}, [])
+        await self.nursery.start(worker.run, self.agent.worker_setup(), [])
         if self.ram is not None and self.ram.placer is not None:  # postcopy is under way
             worker.survivable = True
             await self._give_uffd(worker)

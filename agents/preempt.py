@@ -40,7 +40,7 @@ its worker did from statistics messages every :data:`STATS_INTERVAL`.
 
 Control.  A SOCK_SEQPACKET socketpair, one JSON object per packet
 (agents/vm/ctl.py's encoding), file descriptors by SCM_RIGHTS.  Agent →
-worker: ``setup`` (role, identity, the source's RAM blocks with their fds),
+worker: ``setup`` (role, identity, CPUs to run on, the source's RAM blocks with their fds),
 ``uffd`` (the destination's, with the blocks' addresses), ``connection``
 (a handed-over socket), ``disconnect`` (the agent paused: drop the link,
 keep the requests), ``stop``.  Worker → agent: ``ready``, ``connected``,
@@ -74,7 +74,7 @@ from protocol.messages import Error, Message, Pages, ReqPages, Zero, decode_mess
 from .channel import frame_size
 from .migration import ChannelStats
 from .pki import Identity
-from .threads import set_realtime
+from .threads import format_cpu_list, set_realtime
 from .vm import ctl
 
 log = logging.getLogger("godwit.preempt")
@@ -132,6 +132,8 @@ class PreemptWorker:
         self.connected = trio.Event()
         self.disconnect_reason: str | None = None
         self.realtime = False
+        self.cpus = ""
+        """The CPUs the worker may run on (``0-3,8``), as it reported."""
         self.stopped = trio.Event()
         self.dead = trio.Event()
         """Set when the worker failed or exited unasked once :attr:`survivable`."""
@@ -171,6 +173,8 @@ class PreemptWorker:
             if ready.get("op") != "ready":
                 raise WorkerError(f"{self.name}: expected ready, got {ready!r:.200}")
             self.realtime = bool(ready.get("realtime"))
+            self.cpus = str(ready.get("cpus"))
+            log.debug("%s: worker pid %s on CPUs %s", self.name, self.process.pid, self.cpus)
             if not self.realtime:
                 log.info("%s: no SCHED_FIFO (CAP_SYS_NICE?): page requests may wait", self.name)
             task_status.started()
@@ -660,7 +664,10 @@ def main(argv: list[str]) -> int:
             worker = RequestWorker(control, setup, fds)
         # The whole worker is the request path: SCHED_FIFO, as the agents' threads.
         realtime = set_realtime(True, "preempt worker")
-        worker.tell({"op": "ready", "realtime": realtime, "pid": os.getpid()})
+        if setup.get("cpus"):
+            os.sched_setaffinity(0, setup["cpus"])
+        cpus = format_cpu_list(os.sched_getaffinity(0))
+        worker.tell({"op": "ready", "realtime": realtime, "pid": os.getpid(), "cpus": cpus})
         worker.run()
     except Exception as exc:
         with contextlib.suppress(OSError):

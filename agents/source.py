@@ -269,7 +269,7 @@ class OutgoingMigration:
         worker = PreemptWorker("source", f"{st.guest}/preempt", self._worker_stats, st.channels)
         worker.survivable = self.run_acked  # a restart in postcopy
         setup = {
-            "identity": self.agent.worker_identity(),
+            **self.agent.worker_setup(),
             "detect_zero": self.parameters.get("zero-page-detection", "legacy") != "none",
             "blocks": [{"name": b.name, "size": b.size, "page_size": b.page_size} for b in blocks],
         }

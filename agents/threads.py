@@ -32,7 +32,14 @@ from typing import Any
 
 import trio
 
-__all__ = ["OwnedThread", "ThreadAborted"]
+__all__ = [
+    "OwnedThread",
+    "ThreadAborted",
+    "check_cpus",
+    "format_cpu_list",
+    "parse_cpu_list",
+    "set_realtime",
+]
 
 log = logging.getLogger("godwit.threads")
 
@@ -248,3 +255,51 @@ def set_realtime(on: bool, name: str) -> bool:
                 exc.strerror,
             )
         return False
+
+
+def parse_cpu_list(text: str | int | list[int]) -> frozenset[int]:
+    """CPUs as taskset and systemd's ``CPUAffinity=`` write them: ``1``, ``0-3,8``,
+    ``2 3`` (or, from TOML, an integer or a list of them).  ValueError names what
+    is wrong."""
+    if isinstance(text, str):
+        items = text.replace(",", " ").split()
+    elif isinstance(text, list) and all(type(i) is int for i in text):
+        items = [str(i) for i in text]
+    elif type(text) is int:
+        items = [str(text)]
+    else:
+        raise ValueError(f"CPU list {text!r}: expected CPU numbers such as 1 or 0-3,8")
+    cpus: set[int] = set()
+    for item in items:
+        first, sep, last = item.partition("-")
+        if not first.isdigit() or (sep and not last.isdigit()):
+            raise ValueError(f"CPU list {text!r}: {item!r} is not a CPU number or range A-B")
+        low, high = int(first), int(last) if sep else int(first)
+        if high < low:
+            raise ValueError(f"CPU list {text!r}: range {item!r} runs backwards")
+        cpus.update(range(low, high + 1))
+    if not cpus:
+        raise ValueError(f"CPU list {text!r} names no CPU")
+    return frozenset(cpus)
+
+
+def format_cpu_list(cpus: frozenset[int] | set[int] | list[int]) -> str:
+    """The inverse of :func:`parse_cpu_list`, ranges folded: ``0-3,8``."""
+    out: list[str] = []
+    for cpu in sorted(cpus):
+        if out and out[-1].split("-")[-1] == str(cpu - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{cpu}"
+        else:
+            out.append(str(cpu))
+    return ",".join(out)
+
+
+def check_cpus(cpus: frozenset[int], what: str) -> None:
+    """Refuse CPUs this process may not run on (offline, absent, or outside the
+    affinity systemd or taskset gave it) before anything is pinned to them."""
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise ValueError(
+            f"{what} {format_cpu_list(cpus)}: CPU {format_cpu_list(cpus - allowed)} is not "
+            f"among the CPUs this process may use ({format_cpu_list(allowed)})"
+        )

@@ -63,6 +63,7 @@ async def running_agent(
     listen: bool = True,
     ram_path: Path | None = None,
     pm_qos: bool = True,
+    preempt_cpus: frozenset[int] | None = None,
 ) -> AsyncIterator[RunningAgent]:
     sock = tmp / f"{name}.sock"
     config = AgentConfig(
@@ -72,6 +73,7 @@ async def running_agent(
         listen="127.0.0.1:0" if listen else None,
         ram_path=ram_path,
         pm_qos=pm_qos,
+        preempt_cpus=preempt_cpus,
     )
     agent = Agent(config)
     async with trio.open_nursery() as nursery:

@@ -10,11 +10,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
+from conftest import running_agent, start_postcopy_migration
 
 from agents.preempt import GO, Connection, PreemptWorker
+from agents.threads import format_cpu_list
 from agents.vm import ctl
 from protocol.errors import ProtocolError
 
@@ -108,3 +111,55 @@ def test_anything_but_the_go_ahead_is_refused(link) -> None:
     peer.sendall(b"X")
     with pytest.raises(ProtocolError, match="no go-ahead"):
         Connection.open(fd, "source", None, None, b"")
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])
+async def test_a_worker_runs_on_the_cpus_it_is_given(pinned: bool) -> None:
+    fd = _memfd(1 << 20)
+    ours = os.sched_getaffinity(0)
+    cpus = [max(ours)] if pinned else None
+    worker = PreemptWorker("source", "test/preempt", lambda msg: None, {})
+    setup = {
+        "identity": None,
+        "cpus": cpus,
+        "blocks": [{"name": "ram0", "size": 1 << 20, "page_size": 4096}],
+    }
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run, setup, [fd])
+            assert worker.process is not None
+            affinity = os.sched_getaffinity(worker.process.pid)
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(fd)
+    assert affinity == (set(cpus) if cpus else ours)
+    assert worker.cpus == format_cpu_list(affinity)
+
+
+async def test_agents_pin_their_workers_to_preempt_cpus(short_tmp: Path, pki_dir: Path) -> None:
+    """Both agents' workers, on the CPU the configuration names (the same one: the
+    single-host layout docs/deployment.md describes)."""
+    cpu = max(os.sched_getaffinity(0))
+    async with (
+        running_agent(
+            short_tmp, pki_dir, "source", listen=False, preempt_cpus=frozenset({cpu})
+        ) as src,
+        running_agent(short_tmp, pki_dir, "destination", preempt_cpus=frozenset({cpu})) as dst,
+    ):
+        await start_postcopy_migration(src, dst, memory="64M", preempt=True)
+        await src.client.execute(
+            "migrate-set-parameters", {"guest": "vm1", "max-postcopy-bandwidth": 8 << 20}
+        )
+        await src.client.wait_status("vm1", {"postcopy-active"}, timeout=30, poll=0.01)
+        pids = []
+        for agent in (src, dst):
+            migration = agent.agent.guests["vm1"].migration
+            worker = getattr(migration, "worker", None)
+            assert worker is not None and worker.process is not None
+            pids.append(worker.process.pid)
+        affinities = [os.sched_getaffinity(pid) for pid in pids]
+        await src.client.wait_status("vm1", {"completed"}, timeout=120, poll=0.05)
+        await dst.client.wait_status("vm1", {"completed"}, timeout=30, poll=0.05)
+        check = await dst.client.execute("guest-verify", {"guest": "vm1", "method": "counter"})
+        assert check["verified"], check
+    assert affinities == [{cpu}, {cpu}]

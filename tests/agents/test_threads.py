@@ -1,4 +1,4 @@
-"""OwnedThread: a request-path thread owned by a trio task (agents/threads.py)."""
+"""OwnedThread: a request-path thread owned by a trio task; CPU lists (agents/threads.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,17 @@ import os
 import select
 import threading
 
+import pytest
 import trio
 
-from agents.threads import LATER_INTERVAL, OwnedThread, ThreadAborted
+from agents.threads import (
+    LATER_INTERVAL,
+    OwnedThread,
+    ThreadAborted,
+    check_cpus,
+    format_cpu_list,
+    parse_cpu_list,
+)
 
 
 async def test_work_handed_over_with_later_runs_on_trio_and_none_is_lost() -> None:
@@ -69,3 +77,37 @@ async def test_cancelling_the_owner_aborts_a_thread_blocked_in_poll() -> None:
         os.close(r)
         os.close(w)
     assert outcome == ["aborted"] and thread.done.is_set()
+
+
+def test_cpu_lists_parse_as_taskset_and_systemd_write_them() -> None:
+    assert parse_cpu_list("1") == {1}
+    assert parse_cpu_list("0-3,8") == {0, 1, 2, 3, 8}
+    assert parse_cpu_list("2 3") == {2, 3}
+    assert parse_cpu_list(5) == {5}  # TOML integer
+    assert parse_cpu_list([0, 2]) == {0, 2}  # TOML array
+    assert format_cpu_list(parse_cpu_list("0,1,2,5,6,9")) == "0-2,5-6,9"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "names no CPU"),
+        ("a", "'a' is not a CPU number"),
+        ("1-", "'1-' is not a CPU number"),
+        ("-1", "'-1' is not a CPU number"),
+        ("3-1", "runs backwards"),
+        (True, "expected CPU numbers"),
+        ([1, "2"], "expected CPU numbers"),
+    ],
+)
+def test_a_bad_cpu_list_says_what_is_wrong(text: object, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        parse_cpu_list(text)  # type: ignore[arg-type]
+
+
+def test_cpus_outside_the_process_affinity_are_refused() -> None:
+    allowed = frozenset(os.sched_getaffinity(0))
+    check_cpus(allowed, "preempt-cpus")
+    absent = max(allowed) + 1
+    with pytest.raises(ValueError, match=f"CPU {absent} is not among the CPUs"):
+        check_cpus(allowed | {absent}, "preempt-cpus")
