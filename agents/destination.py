@@ -449,7 +449,11 @@ class IncomingMigration:
         worker = PreemptWorker(
             "destination", f"{st.guest}/preempt", self._worker_stats, st.channels
         )
-        await self.nursery.start(worker.run, self.agent.worker_setup(), [])
+        setup = {
+            **self.agent.worker_setup(),
+            "page_size": max(b.page_size for b in self._guest().blocks),
+        }
+        await self.nursery.start(worker.run, setup, [])
         if self.ram is not None and self.ram.placer is not None:  # postcopy is under way
             worker.survivable = True
             await self._give_uffd(worker)

@@ -68,10 +68,19 @@ from typing import Any
 import trio
 
 from protocol.errors import ProtocolError
-from protocol.frames import FrameDecoder
-from protocol.messages import Error, Message, Pages, ReqPages, Zero, decode_message
+from protocol.messages import Error, Message
+from protocol.preempt import (
+    PAGES,
+    REQ_PAGES,
+    ZERO,
+    Event,
+    PreemptReader,
+    pages_frame_into,
+    pages_header,
+    request_frame,
+    zero_frame,
+)
 
-from .channel import frame_size
 from .migration import ChannelStats
 from .pki import Identity
 from .threads import format_cpu_list, set_realtime
@@ -294,18 +303,26 @@ def _import_path() -> str:
 
 
 class Connection:
-    """The worker's preempt connection: blocking TLS (or plain TCP) and the frame codec."""
+    """The worker's preempt connection: blocking TLS (or plain TCP) and the fault
+    path's codec (protocol/preempt.py: frames as tuples, in buffers reused)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, page_size: int = 4096) -> None:
         self.sock = sock
-        self.decoder = FrameDecoder(channel="preempt")
-        self._buffer = memoryview(bytearray(RECEIVE_CHUNK))
+        capacity = page_size + RECEIVE_CHUNK  # the largest frame: one page and its header
+        self.reader = PreemptReader(capacity=capacity)
+        self._frame = memoryview(bytearray(capacity))
         self.bytes_sent = 0
         self.bytes_received = 0
 
     @classmethod
     def open(
-        cls, fd: int, role: str, identity: Identity | None, hostname: str | None, early: bytes
+        cls,
+        fd: int,
+        role: str,
+        identity: Identity | None,
+        hostname: str | None,
+        early: bytes,
+        page_size: int = 4096,
     ) -> Connection:
         raw = socket.socket(fileno=fd)
         raw.settimeout(HANDSHAKE_TIMEOUT)
@@ -330,46 +347,56 @@ class Connection:
         except BaseException:
             raw.close()
             raise
-        return cls(sock)
+        return cls(sock, page_size)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def buffered(self) -> bool:
-        """A message may be had without the socket becoming readable."""
+        """A frame may be had without the socket becoming readable."""
         pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
-        return pending > 0 or self.decoder.frames_ready
+        return pending > 0 or self.reader.buffered
 
-    def send(self, message: Message) -> int:
-        """Send one frame: small ones as one write (one TLS record), a large page
-        (a 2 MiB huge page) part by part, without copying it."""
-        parts = message.encode()
-        size = frame_size(parts)
-        if size <= JOIN_LIMIT:
-            self.sock.sendall(parts[0] if len(parts) == 1 else b"".join(parts))
-        else:
-            for part in parts:
-                self.sock.sendall(part)
-        self.bytes_sent += size
-        return size
+    def send(self, frame: bytes | memoryview) -> int:
+        """One frame, one write (one TLS record)."""
+        self.sock.sendall(frame)
+        self.bytes_sent += len(frame)
+        return len(frame)
 
-    def receive(self) -> list[Message]:
-        """The messages one read completes (possibly none); raises EOFError at EOF."""
-        if not self.decoder.frames_ready:
+    def send_pages(
+        self, block: int, first: int, count: int, request_id: int, data: memoryview
+    ) -> int:
+        """PAGES: built in one buffer and sent in one write up to :data:`JOIN_LIMIT`;
+        a larger page (2 MiB) goes after its header as it is, without a copy."""
+        if data.nbytes <= JOIN_LIMIT:
+            return self.send(pages_frame_into(self._frame, block, first, count, request_id, data))
+        head = pages_header(block, first, count, request_id, data.nbytes)
+        self.sock.sendall(head)
+        self.sock.sendall(data)
+        self.bytes_sent += len(head) + data.nbytes
+        return len(head) + data.nbytes
+
+    def receive(self) -> list[Event]:
+        """The frames one read completes (possibly none); raises EOFError at EOF.
+        A page's data is a view valid until the next call."""
+        reader = self.reader
+        if not reader.buffered:
             # One read takes what the TLS record holds (a request, or a page with
-            # its header); feed() cuts it into frames.
-            n = self.sock.recv_into(self._buffer)
+            # its header), straight into the reader's buffer.
+            n = self.sock.recv_into(reader.buffer())
             if n == 0:
-                self.decoder.eof()
                 raise EOFError("closed by the peer")
-            self.decoder.feed(self._buffer[:n])
+            reader.filled(n)
             self.bytes_received += n
-        out: list[Message] = []
-        while (frame := self.decoder.next_frame()) is not None:
-            message = decode_message(frame, channel="preempt")
-            if isinstance(message, Error):
-                raise ProtocolError(f"peer error: {message.message}", channel="preempt")
-            out.append(message)
+        out: list[Event] = []
+        while (event := reader.next()) is not None:
+            if isinstance(event, Message):
+                if isinstance(event, Error):
+                    raise ProtocolError(f"peer error: {event.message}", channel="preempt")
+                raise ProtocolError(
+                    f"unexpected {type(event).__name__} on preempt", channel="preempt"
+                )
+            out.append(event)
         return out
 
     def close(self) -> None:
@@ -393,6 +420,8 @@ class Worker(abc.ABC):
             else None
         )
         self.conn: Connection | None = None
+        self.page_size = int(setup.get("page_size", 4096))
+        """The guest's largest page: the largest frame the link must carry."""
         self.epoch = 0
         self.stopping = False
         self.orphaned = False
@@ -422,6 +451,7 @@ class Worker(abc.ABC):
                     self.identity if msg.get("tls") else None,
                     msg.get("server_hostname"),
                     bytes.fromhex(msg.get("early", "")),
+                    self.page_size,
                 )
             except LINK_ERRORS as exc:
                 self.tell({"op": "disconnected", "reason": f"handshake: {exc}"})
@@ -477,8 +507,8 @@ class Worker(abc.ABC):
                     self.on_control()
                 elif self.conn is not None and fd == self.conn.fileno():
                     try:
-                        for message in self.conn.receive():
-                            self.on_message(message)
+                        for event in self.conn.receive():
+                            self.on_frame(event)
                     except LINK_ERRORS as exc:
                         self.drop(f"{type(exc).__name__}: {exc}")
                 else:
@@ -490,19 +520,19 @@ class Worker(abc.ABC):
             self.tell({"op": "stopped"})
 
     @abc.abstractmethod
-    def on_message(self, message: Message) -> None:
-        """One message from the peer's worker."""
+    def on_frame(self, event: Event) -> None:
+        """One frame from the peer's worker (protocol.preempt's tuple)."""
 
     def on_fd(self, fd: int, events: int) -> None:
         """A file descriptor a role added to :meth:`watched` is ready."""
         raise ProtocolError(f"fd {fd} is ready but nothing watches it", channel="control")
 
-    def send(self, message: Message) -> int:
+    def send(self, frame: bytes | memoryview) -> int:
         """Bytes sent; 0 if there is no link (or it just broke)."""
         if self.conn is None:
             return 0
         try:
-            return self.conn.send(message)
+            return self.conn.send(frame)
         except LINK_ERRORS as exc:
             self.drop(f"{type(exc).__name__}: {exc}")
             return 0
@@ -550,7 +580,7 @@ class FaultWorker(Worker):
     def on_connected(self) -> None:
         """A new link (after recovery): ask again for everything still missing."""
         for (block, page), fault_ns in list(self.pending.items()):
-            self.send(ReqPages(block, page, 1, self._take_id(), fault_ns))
+            self.send(request_frame(block, page, 1, self._take_id(), fault_ns))
 
     def _take_id(self) -> int:
         request_id = self._next_request
@@ -569,29 +599,25 @@ class FaultWorker(Worker):
             self.pending[(block, page)] = now
             if self._blocked_since is None:
                 self._blocked_since = now
-            self.send(ReqPages(block, page, 1, self._take_id(), now))
+            self.send(request_frame(block, page, 1, self._take_id(), now))
             self.count("requests")
 
-    def on_message(self, message: Message) -> None:
+    def on_frame(self, event: Event) -> None:
+        kind, block, first, count, _, data = event
         if self.placer is None:
             raise ProtocolError("pages before the userfaultfd", channel="preempt")
-        if isinstance(message, Pages):
-            placed = self.placer.copy(message.block, message.first_page, message.data)
-        elif isinstance(message, Zero):
-            placed = self.placer.zeropage(message.block, message.first_page, message.count)
+        if kind == PAGES:
+            placed = self.placer.copy(block, first, data)
+        elif kind == ZERO:
+            placed = self.placer.zeropage(block, first, count)
         else:
-            raise ProtocolError(
-                f"unexpected {type(message).__name__} on preempt", channel="preempt"
-            )
+            raise ProtocolError("a page request sent to the destination", channel="preempt")
         placed_ns = time.monotonic_ns()
         if placed:  # else the background stream's copy was first (EEXIST)
-            data = int(isinstance(message, Pages))
-            self.stats.setdefault("placed", []).append(
-                [message.block, message.first_page, message.count, data]
-            )
+            self.stats.setdefault("placed", []).append([block, first, count, int(kind == PAGES)])
         latencies = self.stats.setdefault("latencies_ns", [])
-        for page in range(message.first_page, message.first_page + message.count):
-            fault_ns = self.pending.pop((message.block, page), None)
+        for page in range(first, first + count):
+            fault_ns = self.pending.pop((block, page), None)
             if fault_ns is not None:
                 latencies.append(placed_ns - fault_ns)
         if not self.pending and self._blocked_since is not None:
@@ -614,27 +640,37 @@ class RequestWorker(Worker):
             self.blocks.append((spec["name"], spec["page_size"], memoryview(ram)))
         self._zeros = {ps: bytes(ps) for _, ps, _ in self.blocks}
 
-    def on_message(self, message: Message) -> None:
-        if not isinstance(message, ReqPages):
-            raise ProtocolError(
-                f"unexpected {type(message).__name__} on preempt", channel="preempt"
-            )
-        if not 0 <= message.block < len(self.blocks):
-            raise ProtocolError(f"page request for block {message.block}", channel="preempt")
-        name, ps, ram = self.blocks[message.block]
-        first, count = message.first_page, message.count
-        if count <= 0 or (first + count) * ps > len(ram):
+    def on_frame(self, event: Event) -> None:
+        kind, block, first, count, request_id, _ = event
+        if kind != REQ_PAGES:
+            raise ProtocolError("pages sent to the source", channel="preempt")
+        if not 0 <= block < len(self.blocks):
+            raise ProtocolError(f"page request for block {block}", channel="preempt")
+        name, ps, ram = self.blocks[block]
+        if (first + count) * ps > len(ram):
             raise ProtocolError(
                 f"page request {first}+{count} outside RAM block {name}", channel="preempt"
+            )
+        if count * ps > self.page_size:  # the destination's worker asks page by page
+            raise ProtocolError(
+                f"page request {first}+{count} of RAM block {name}: more than "
+                f"{self.page_size} bytes at once",
+                channel="preempt",
             )
         data = ram[first * ps : (first + count) * ps]
         zero = self.detect_zero and count == 1 and data == self._zeros[ps]
         if zero:
-            sent = self.send(Zero(message.block, first, 1))
+            sent = self.send(zero_frame(block, first, 1))
+        elif self.conn is None:
+            sent = 0
         else:
-            sent = self.send(Pages(message.block, first, count, data, message.request_id))
+            try:
+                sent = self.conn.send_pages(block, first, count, request_id, data)
+            except LINK_ERRORS as exc:
+                self.drop(f"{type(exc).__name__}: {exc}")
+                sent = 0
         if sent:
-            served = [message.block, first, count, int(zero), self.epoch]
+            served = [block, first, count, int(zero), self.epoch]
             self.stats.setdefault("served", []).append(served)
             self.count("sent", sent)
 

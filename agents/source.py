@@ -270,6 +270,7 @@ class OutgoingMigration:
         worker.survivable = self.run_acked  # a restart in postcopy
         setup = {
             **self.agent.worker_setup(),
+            "page_size": max(b.page_size for b in blocks),
             "detect_zero": self.parameters.get("zero-page-detection", "legacy") != "none",
             "blocks": [{"name": b.name, "size": b.size, "page_size": b.page_size} for b in blocks],
         }

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from agents.preempt import GO, Connection, PreemptWorker
 from agents.threads import format_cpu_list
 from agents.vm import ctl
 from protocol.errors import ProtocolError
+from protocol.messages import Error, Pages, Ping
+from protocol.preempt import PAGES, REQ_PAGES, ZERO, request_frame, zero_frame
 
 
 def _memfd(size: int) -> int:
@@ -111,6 +114,65 @@ def test_anything_but_the_go_ahead_is_refused(link) -> None:
     peer.sendall(b"X")
     with pytest.raises(ProtocolError, match="no go-ahead"):
         Connection.open(fd, "source", None, None, b"")
+
+
+def _connections(page_size: int) -> tuple[Connection, Connection]:
+    a, b = socket.socketpair()
+    return Connection(a, page_size), Connection(b, page_size)
+
+
+def _receive_all(conn: Connection, n: int) -> list[tuple]:
+    out: list[tuple] = []
+    while len(out) < n:
+        for kind, block, first, count, number, data in conn.receive():
+            out.append((kind, block, first, count, number, bytes(data) if kind == PAGES else data))
+    return out
+
+
+@pytest.mark.parametrize("page_size", [4096, 2 << 20], ids=["4k", "2M"])
+def test_requests_and_pages_cross_a_link_whole(page_size: int) -> None:
+    dst, src = _connections(page_size)
+    try:
+        page = os.urandom(page_size)
+        dst.send(request_frame(1, 7, 1, 42, 123))
+        assert _receive_all(src, 1) == [(REQ_PAGES, 1, 7, 1, 42, 123)]
+        sent: list[int] = []
+
+        def serve() -> None:  # a 2 MiB page is more than the socket buffers hold
+            sent.append(src.send_pages(1, 7, 1, 42, memoryview(page)))
+            src.send(zero_frame(1, 8, 1))
+
+        sender = threading.Thread(target=serve)
+        sender.start()
+        assert _receive_all(dst, 2) == [(PAGES, 1, 7, 1, 42, page), (ZERO, 1, 8, 1, 0, 0)]
+        sender.join()
+        assert sent == [len(Pages(1, 7, 1, page, 42).to_bytes())]
+        assert src.bytes_sent == dst.bytes_received
+    finally:
+        dst.close()
+        src.close()
+
+
+def test_an_error_from_the_peer_ends_the_link_with_its_reason() -> None:
+    dst, src = _connections(4096)
+    try:
+        src.send(Error("page-gone", "no such page").to_bytes())
+        with pytest.raises(ProtocolError, match="peer error: no such page"):
+            dst.receive()
+    finally:
+        dst.close()
+        src.close()
+
+
+def test_a_frame_the_preempt_channel_does_not_carry_is_refused() -> None:
+    dst, src = _connections(4096)
+    try:
+        src.send(Ping(1, 2).to_bytes())
+        with pytest.raises(ProtocolError, match="unexpected Ping on preempt"):
+            dst.receive()
+    finally:
+        dst.close()
+        src.close()
 
 
 @pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])
