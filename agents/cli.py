@@ -27,7 +27,7 @@ EXTENSIONS = ("agents.cli_lab", "agents.cli_file", "agents.cli_service")
 
 
 def _cpu_list(text: str) -> frozenset[int]:
-    from .threads import parse_cpu_list
+    from .sched import parse_cpu_list
 
     try:
         return parse_cpu_list(text)
@@ -328,7 +328,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
             ram_path_mount(config.ram_path)
         if config.preempt_cpus is not None:
-            from .threads import check_cpus
+            from .sched import check_cpus
 
             check_cpus(config.preempt_cpus, "preempt-cpus")
     except ValueError as exc:

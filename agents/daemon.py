@@ -44,8 +44,8 @@ from .channel import Channel
 from .control_server import ControlServer
 from .destination import IncomingMigration
 from .events import EventBus
+from .sched import check_cpus, parse_cpu_list
 from .source import OutgoingMigration
-from .threads import check_cpus, parse_cpu_list
 from .transport import Transport, pki_identity, serve_migrations
 from .vm import verify
 from .vm.guest import Guest, GuestSpec

@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .identity import Identity
+
 __all__ = [
     "CA_CERT",
     "CA_KEY",
@@ -56,16 +58,6 @@ _RESERVED_NAMES = {"ca"}
 
 class PKIError(Exception):
     """A PKI file is missing, exists already, or does not fit the CA."""
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Where one host's TLS material lives; what ``agents.tls`` contexts are built from."""
-
-    name: str
-    ca_path: Path
-    cert_path: Path
-    key_path: Path
 
 
 @dataclass(frozen=True)

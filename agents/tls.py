@@ -104,7 +104,7 @@ from typing import Any, cast
 
 import trio
 
-from agents.pki import Identity
+from .identity import client_context, server_context
 
 __all__ = [
     "PeerIdentity",
@@ -178,38 +178,6 @@ class PeerIdentity:
             ip_addresses=tuple(v.strip() for k, v in sans if k == "IP Address"),
             address=address,
         )
-
-
-# ---------------------------------------------------------------- contexts
-
-
-def _base_context(purpose_server: bool, identity: Identity) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose_server else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    # Trust the godwit CA and nothing else: no load_default_certs().
-    ctx.load_verify_locations(cafile=str(identity.ca_path))
-    ctx.load_cert_chain(certfile=str(identity.cert_path), keyfile=str(identity.key_path))
-    # Channels are long-lived and never resumed: no session tickets, which
-    # would also be post-handshake traffic a reader has to answer for.
-    ctx.options |= ssl.OP_NO_TICKET
-    return ctx
-
-
-def server_context(identity: Identity) -> ssl.SSLContext:
-    """Context for the listening side: TLS 1.3, client certificate required, godwit CA only."""
-    ctx = _base_context(True, identity)
-    ctx.num_tickets = 0
-    return ctx
-
-
-def client_context(identity: Identity) -> ssl.SSLContext:
-    """Context for the dialling side: TLS 1.3, server name checked against its SANs."""
-    ctx = _base_context(False, identity)
-    ctx.check_hostname = True
-    return ctx
 
 
 # ---------------------------------------------------------------- socket options

@@ -39,8 +39,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from protocol.errors import (
     FrameTooLarge,
     ProtocolError,
@@ -152,7 +150,11 @@ class Frame:
 
 def _allocate(n: int) -> memoryview:
     # numpy.empty skips bytearray's zero fill; big payloads are written over anyway.
+    # (Imported here: the preempt workers use this module's constants, and never
+    # allocate a payload, so they start without numpy.)
     if n >= _NUMPY_ALLOC_MIN:
+        import numpy as np
+
         buf: Any = np.empty(n, dtype=np.uint8)
         return memoryview(buf)
     return memoryview(bytearray(n))

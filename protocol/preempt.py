@@ -24,11 +24,13 @@ ERROR frame becomes an :class:`~protocol.messages.Error` message.
 from __future__ import annotations
 
 import struct
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from protocol.errors import ProtocolError
 from protocol.frames import HEADER_SIZE, FrameDecoder, FrameFlags, FrameType
-from protocol.messages import Message, decode_message
+
+if TYPE_CHECKING:
+    from protocol.messages import Message
 
 __all__ = [
     "PAGES",
@@ -226,6 +228,9 @@ class PreemptReader:
             raise
 
     def _slow(self, frame_bytes: memoryview, offset: int) -> Message:
+        # Imported here: the preempt workers start without numpy (messages uses it).
+        from protocol.messages import decode_message
+
         try:
             decoder = self._decoder(offset)
             decoder.feed(frame_bytes)

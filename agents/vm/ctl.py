@@ -29,9 +29,11 @@ import base64
 import json
 import mmap
 import socket
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_MESSAGE = 16 << 20
 SNDBUF = 16 << 20
@@ -54,6 +56,8 @@ def set_buffers(s: Any) -> None:
 
 
 def pack_array(a: np.ndarray) -> dict[str, str]:
+    import numpy as np  # here, not at the top: the preempt workers start without it
+
     a = np.ascontiguousarray(a)
     if a.dtype == bool:
         return {
@@ -65,6 +69,8 @@ def pack_array(a: np.ndarray) -> dict[str, str]:
 
 
 def unpack_array(obj: dict[str, str]) -> np.ndarray:
+    import numpy as np
+
     raw = base64.b64decode(obj["b64"])
     if obj["dtype"] == "bits":
         return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=int(obj["n"])).astype(bool)
@@ -72,6 +78,9 @@ def unpack_array(obj: dict[str, str]) -> np.ndarray:
 
 
 def _default(o: Any) -> Any:
+    np = sys.modules.get("numpy")  # no numpy value exists unless numpy is loaded
+    if np is None:
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
     if isinstance(o, np.ndarray):
         return pack_array(o)
     if isinstance(o, np.integer):

@@ -26,13 +26,16 @@ import fcntl
 import os
 import struct
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from agents.vm import uffd as U
-from agents.vm.dirty import Mapping
 from agents.vm.errors import GuestGone, PlacementError
 from agents.vm.ramblock import HUGE_PAGE_SIZE
+
+if TYPE_CHECKING:
+    from agents.vm.dirty import Mapping  # (it imports trio; the fault worker does not)
 
 _FAULT = struct.Struct("<B15xQ8x")
 """A 32-byte uffd_msg as (event, pagefault address), the fields faults need."""

@@ -1,4 +1,5 @@
-"""OwnedThread: a request-path thread owned by a trio task; CPU lists (agents/threads.py)."""
+"""OwnedThread: a request-path thread owned by a trio task (agents/threads.py); CPU lists
+(agents/sched.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,8 @@ import threading
 import pytest
 import trio
 
-from agents.threads import (
-    LATER_INTERVAL,
-    OwnedThread,
-    ThreadAborted,
-    check_cpus,
-    format_cpu_list,
-    parse_cpu_list,
-)
+from agents.sched import check_cpus, format_cpu_list, parse_cpu_list
+from agents.threads import LATER_INTERVAL, OwnedThread, ThreadAborted
 
 
 async def test_work_handed_over_with_later_runs_on_trio_and_none_is_lost() -> None:
