@@ -49,7 +49,9 @@ STATS_INTERVAL = 0.02
 HANDSHAKE_TIMEOUT = 10.0
 RECEIVE_CHUNK = 64 << 10
 JOIN_LIMIT = 64 << 10
-"""Frames up to this size are joined into one write: a 4 KiB page and its header."""
+"""Page data up to this size is built into one frame buffer with its header and sent
+in one write (one TLS record for a 4 KiB page); a 2 MiB page goes after its header
+as it is."""
 CONTROL_MAX = 1 << 20
 """Largest control message (statistics carry latencies: ~100 per message)."""
 
@@ -66,7 +68,7 @@ class Connection:
         self.sock = sock
         capacity = page_size + RECEIVE_CHUNK  # the largest frame: one page and its header
         self.reader = PreemptReader(capacity=capacity)
-        self._frame = memoryview(bytearray(capacity))
+        self._frame = memoryview(bytearray(JOIN_LIMIT + 64))  # + the PAGES header
         self.bytes_sent = 0
         self.bytes_received = 0
 
