@@ -104,22 +104,21 @@ class PreemptReader:
     """REQ_PAGES, PAGES and ZERO out of a byte stream, into a buffer it owns.
 
     :meth:`buffer` is where the next read goes and :meth:`filled` says how
-    much it wrote; :meth:`next` returns one frame at a time:
+    much it wrote; :meth:`next` returns one frame at a time, as a tuple (no
+    object per frame: this is the fault path):
 
     - ``(REQ_PAGES, block, first, count, request_id, sent_ns)``
     - ``(PAGES, block, first, count, request_id, data)``: ``data`` is a view
       of the reader's buffer, valid until the next :meth:`buffer` call
     - ``(ZERO, block, first, count, 0, 0)``
 
-    (a tuple each, no object: this is the fault path)
-
-    or ``None`` when it needs more bytes; any other frame is decoded in full
+    or ``None`` when it needs more bytes.  Any other frame is decoded in full
     and returned as a :class:`~protocol.messages.Message` (an ERROR from the
     peer: :class:`~protocol.messages.Error`), and anything malformed raises
     what :class:`~protocol.frames.FrameDecoder` and
     :func:`~protocol.messages.decode_message` raise for it.  ``capacity``
-    bounds a frame (a 2 MiB huge page and its header need more than the
-    default).
+    is the largest payload (a 2 MiB huge page and its header need more than
+    the default).
     """
 
     def __init__(self, *, channel: str = "preempt", capacity: int = 64 << 10) -> None:
