@@ -70,6 +70,47 @@ def machine() -> str:
     )
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far, all its threads (ended ones too)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
+def machine_cpu() -> dict[str, float]:
+    """CPU seconds the whole machine spent per state so far (/proc/stat's cpu line)."""
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    values = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return {n: int(v) / _TICK for n, v in zip(names, values, strict=False)}
+
+
+class CpuMeter:
+    """Where the CPU went between :meth:`start` and :meth:`stop`: each process's
+    user and system seconds, and the machine's idle seconds out of its total."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+
+    def start(self) -> None:
+        self._procs = {name: process_cpu(pid) for name, pid in self.pids.items()}
+        self._machine = machine_cpu()
+
+    def stop(self) -> str:
+        parts = []
+        for name, pid in self.pids.items():
+            (u0, s0), (u1, s1) = self._procs[name], process_cpu(pid)
+            parts.append(f"{name} {u1 - u0:.2f}+{s1 - s0:.2f} s")
+        now = machine_cpu()
+        spent = {k: now[k] - self._machine[k] for k in now}
+        total = sum(spent.values())
+        return (
+            f"CPU (user+system): {', '.join(parts)}; machine idle "
+            f"{spent['idle']:.2f} of {total:.2f} CPU-s ({spent['idle'] / total:.0%})"
+        )
+
+
 def header(title: str, started: float) -> None:
     print(title)
     print(machine())

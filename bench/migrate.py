@@ -21,6 +21,9 @@ Three sections, every figure beside a baseline measured in this run:
    On a VM whose host backs memory lazily and takes freed memory back (free
    page reporting), fresh 2 MiB pages can cost the host's first touch
    (~2.5 s/GiB measured here) instead of ~0.1 s/GiB: compare the rounds.
+   Each round also says where the CPU went: each agent's user and system
+   seconds (all threads), and how much of the machine's CPU time was idle —
+   CPU-bound on both cores, or the two sides waiting on each other.
 2. Downtime.  A 1 GiB guest (fill mixed:50 %, to save fill time; the
    workload dirties random pages, so the fill does not matter) runs
    ``stress:rate=50M,wss=1G,mode=write`` and is migrated with the default
@@ -131,7 +134,10 @@ async def throughput(size: int, rounds: int, extra: list[str]) -> dict[str, Any]
         out["fill_s"] = fill_s
         here, there = pair.src, pair.dst
         for _ in range(rounds):
+            meter = A.CpuMeter({here.name: here.proc.pid, there.name: there.proc.pid})
+            meter.start()
             info, _ = await migrate_once(pair, here, there, "tp")
+            cpu = meter.stop()
             ram = info["ram"]
             total_s = info["total-time"] / 1000
             setup_s = info.get("setup-time", 0) / 1000
@@ -146,6 +152,7 @@ async def throughput(size: int, rounds: int, extra: list[str]) -> dict[str, Any]
                     "ram_total": ram["total"],
                     "wire": wire,
                     "passes": ram.get("dirty-sync-count"),
+                    "cpu": cpu,
                 }
             )
             here, there = there, here
@@ -262,6 +269,7 @@ def report_throughput(tp: dict[str, Any], ssl_b: float, tcp_b: float) -> None:
             f" downtime {r['downtime_ms']} ms, {r['passes']} passes), transferred "
             f"{r['transferred'] / 1e9:.3f} GB, channels sent {r['wire'] / 1e9:.3f} GB"
         )
+        print(f"     {r['cpu']}")
     for k, v in best.items():
         print(
             f"   godwit {k:<27} {v:6.2f} GB/s   {v / ssl_b:6.0%} of blocking ssl   "
