@@ -19,6 +19,7 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,10 @@ class Connection:
 
     def __init__(self, sock: socket.socket, page_size: int = 4096) -> None:
         self.sock = sock
+        # Decrypted bytes OpenSSL holds beyond the last read (poll cannot see them).
+        self._pending: Callable[[], int] = (
+            sock.pending if isinstance(sock, ssl.SSLSocket) else lambda: 0
+        )
         capacity = page_size + RECEIVE_CHUNK  # the largest frame: one page and its header
         self.reader = PreemptReader(capacity=capacity)
         self._frame = memoryview(bytearray(JOIN_LIMIT + 64))  # + the PAGES header
@@ -112,8 +117,7 @@ class Connection:
 
     def buffered(self) -> bool:
         """A frame may be had without the socket becoming readable."""
-        pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
-        return pending > 0 or self.reader.buffered
+        return self._pending() > 0 or self.reader.buffered
 
     def send(self, frame: bytes | memoryview) -> int:
         """One frame, one write (one TLS record)."""
@@ -128,11 +132,10 @@ class Connection:
         a larger page (2 MiB) goes after its header as it is, without a copy."""
         if data.nbytes <= JOIN_LIMIT:
             return self.send(pages_frame_into(self._frame, block, first, count, request_id, data))
-        head = pages_header(block, first, count, request_id, data.nbytes)
-        self.sock.sendall(head)
+        sent = self.send(pages_header(block, first, count, request_id, data.nbytes))
         self.sock.sendall(data)
-        self.bytes_sent += len(head) + data.nbytes
-        return len(head) + data.nbytes
+        self.bytes_sent += data.nbytes
+        return sent + data.nbytes
 
     def receive(self) -> list[Event]:
         """The frames one read completes (possibly none); raises EOFError at EOF.
@@ -270,7 +273,7 @@ class Worker(abc.ABC):
                         for event in self.conn.receive():
                             self.on_frame(event)
                     except LINK_ERRORS as exc:
-                        self.drop(f"{type(exc).__name__}: {exc}")
+                        self.broke(exc)
                 else:
                     self.on_fd(fd, events)
             if self.stats and time.monotonic() >= self._stats_due:
@@ -289,13 +292,20 @@ class Worker(abc.ABC):
 
     def send(self, frame: bytes | memoryview) -> int:
         """Bytes sent; 0 if there is no link (or it just broke)."""
+        return self.on_link(lambda conn: conn.send(frame))
+
+    def on_link(self, send: Callable[[Connection], int]) -> int:
+        """``send`` on the link: its bytes, or 0 if there is no link or it breaks."""
         if self.conn is None:
             return 0
         try:
-            return self.conn.send(frame)
+            return send(self.conn)
         except LINK_ERRORS as exc:
-            self.drop(f"{type(exc).__name__}: {exc}")
+            self.broke(exc)
             return 0
+
+    def broke(self, exc: BaseException) -> None:
+        self.drop(f"{type(exc).__name__}: {exc}")
 
     # -- statistics -----------------------------------------------------------------
 
@@ -317,10 +327,10 @@ class FaultWorker(Worker):
 
     def __init__(self, control: socket.socket, setup: dict[str, Any]) -> None:
         super().__init__(control, setup)
-        # Before ``ready``, not when the uffd comes (at the switch, in downtime).
-        from .vm.postcopy import UffdPlacer
+        # Imported before ``ready``, not when the uffd comes (at the switch, in
+        # downtime): it brings numpy, which the source's worker never loads.
+        import agents.vm.postcopy  # noqa: F401
 
-        self._placer_class = UffdPlacer
         self.placer: Any = None
         self.uffd = -1
         self.pending: dict[tuple[int, int], int] = {}  # (block, page) → fault ns
@@ -330,8 +340,10 @@ class FaultWorker(Worker):
     def on_other(self, op: Any, msg: dict[str, Any], fds: list[int]) -> None:
         if op != "uffd":
             super().on_other(op, msg, fds)
+        from .vm.postcopy import UffdPlacer
+
         self.uffd = fds[0]
-        self.placer = self._placer_class(self.uffd, [_Mapping(**m) for m in msg["mappings"]])
+        self.placer = UffdPlacer(self.uffd, [_Mapping(**m) for m in msg["mappings"]])
 
     def watched(self) -> list[int]:
         fds = super().watched()
@@ -423,14 +435,8 @@ class RequestWorker(Worker):
         zero = self.detect_zero and count == 1 and data == self._zeros[ps]
         if zero:
             sent = self.send(zero_frame(block, first, 1))
-        elif self.conn is None:
-            sent = 0
         else:
-            try:
-                sent = self.conn.send_pages(block, first, count, request_id, data)
-            except LINK_ERRORS as exc:
-                self.drop(f"{type(exc).__name__}: {exc}")
-                sent = 0
+            sent = self.on_link(lambda conn: conn.send_pages(block, first, count, request_id, data))
         if sent:
             served = [block, first, count, int(zero), self.epoch]
             self.stats.setdefault("served", []).append(served)

@@ -188,7 +188,6 @@ async def postcopy_case(size: int, preempt: bool, rate: str, cpu: int | None) ->
         )
         return {
             "preempt": preempt,
-            "cpu": cpu,
             "fill_s": fill_s,
             "sent_before_switch": before["ram"]["transferred"],
             "switch_wait_ms": (t_switch - t_active) * 1000,
@@ -341,7 +340,7 @@ def main() -> int:
         f"  precopy, idle random guest: total {pre['total_s']:.2f} s, "
         f"{pre['transferred'] / 1e9:.3f} GB -> {pre_gbps:.2f} GB/s of guest RAM (the baseline)"
     )
-    for c, name in zip(cases, ("preempt off", "preempt on", f"preempt on, CPU {cpu}"), strict=True):
+    for c, name in zip(cases, heads, strict=True):
         pc_gbps = A.gbps(c["postcopy_bytes"], c["postcopy_s"])
         whole = A.gbps(c["ram_total"], c["total_s"])
         print(

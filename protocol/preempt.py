@@ -181,14 +181,11 @@ class PreemptReader:
             return None
         buf = self._buf
         ftype, flags, reserved, length = _HEADER.unpack_from(buf, start)
-        if reserved or flags & ~_URGENT or length > self.capacity:
-            self._check_header(start)  # raises what FrameDecoder raises for it
+        if reserved or flags & ~_URGENT or length > self.capacity or ftype not in _KNOWN_TYPES:
+            self._refuse_header(start)
         if have < HEADER_SIZE + length:
-            if ftype not in _KNOWN_TYPES:
-                self._check_header(start)
             return None
         end = start + HEADER_SIZE + length
-        # The header's flags and reserved field were checked above.
         if ftype == REQ_PAGES and length == _REQ_LEN:
             _, _, _, _, block, count, first, request_id, sent_ns = _REQ_FRAME.unpack_from(
                 buf, start
@@ -217,7 +214,8 @@ class PreemptReader:
         decoder.bytes_received = offset
         return decoder
 
-    def _check_header(self, start: int) -> None:
+    def _refuse_header(self, start: int) -> None:
+        """Raise what FrameDecoder raises for the bad header at ``start``."""
         try:
             decoder = self._decoder(self._offset + start)
             decoder.feed(self._view[start : start + HEADER_SIZE])

@@ -6,6 +6,7 @@ Migrations through them are in test_postcopy_migration.py and test_recovery.py
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -119,9 +120,16 @@ def test_anything_but_the_go_ahead_is_refused(link) -> None:
         Connection.open(fd, "source", None, None, b"")
 
 
-def _connections(page_size: int) -> tuple[Connection, Connection]:
+@contextlib.contextmanager
+def _connections(page_size: int) -> Iterator[tuple[Connection, Connection]]:
+    """Two worker connections joined by a socket pair: (destination end, source end)."""
     a, b = socket.socketpair()
-    return Connection(a, page_size), Connection(b, page_size)
+    dst, src = Connection(a, page_size), Connection(b, page_size)
+    try:
+        yield dst, src
+    finally:
+        dst.close()
+        src.close()
 
 
 def _receive_all(conn: Connection, n: int) -> list[tuple]:
@@ -134,8 +142,7 @@ def _receive_all(conn: Connection, n: int) -> list[tuple]:
 
 @pytest.mark.parametrize("page_size", [4096, 2 << 20], ids=["4k", "2M"])
 def test_requests_and_pages_cross_a_link_whole(page_size: int) -> None:
-    dst, src = _connections(page_size)
-    try:
+    with _connections(page_size) as (dst, src):
         page = os.urandom(page_size)
         dst.send(request_frame(1, 7, 1, 42, 123))
         assert _receive_all(src, 1) == [(REQ_PAGES, 1, 7, 1, 42, 123)]
@@ -151,31 +158,21 @@ def test_requests_and_pages_cross_a_link_whole(page_size: int) -> None:
         sender.join()
         assert sent == [len(Pages(1, 7, 1, page, 42).to_bytes())]
         assert src.bytes_sent == dst.bytes_received
-    finally:
-        dst.close()
-        src.close()
 
 
-def test_an_error_from_the_peer_ends_the_link_with_its_reason() -> None:
-    dst, src = _connections(4096)
-    try:
-        src.send(Error("page-gone", "no such page").to_bytes())
-        with pytest.raises(ProtocolError, match="peer error: no such page"):
+@pytest.mark.parametrize(
+    ("message", "says"),
+    [
+        (Error("page-gone", "no such page"), "peer error: no such page"),
+        (Ping(1, 2), "unexpected Ping on preempt"),
+    ],
+    ids=["peer-error", "not-a-preempt-frame"],
+)
+def test_a_peer_error_or_a_stray_frame_ends_the_link_saying_so(message, says: str) -> None:
+    with _connections(4096) as (dst, src):
+        src.send(message.to_bytes())
+        with pytest.raises(ProtocolError, match=says):
             dst.receive()
-    finally:
-        dst.close()
-        src.close()
-
-
-def test_a_frame_the_preempt_channel_does_not_carry_is_refused() -> None:
-    dst, src = _connections(4096)
-    try:
-        src.send(Ping(1, 2).to_bytes())
-        with pytest.raises(ProtocolError, match="unexpected Ping on preempt"):
-            dst.receive()
-    finally:
-        dst.close()
-        src.close()
 
 
 @pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])

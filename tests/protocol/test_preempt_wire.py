@@ -82,9 +82,11 @@ def general(stream: bytes) -> tuple[list[Any], ProtocolError | None]:
     return out, None
 
 
-def lean(stream: bytes, reads: list[int]) -> tuple[list[Any], ProtocolError | None]:
+def lean(
+    stream: bytes, reads: list[int], capacity: int = CAPACITY
+) -> tuple[list[Any], ProtocolError | None]:
     """The stream through PreemptReader, read in pieces of the given sizes."""
-    reader = PreemptReader(capacity=CAPACITY)
+    reader = PreemptReader(capacity=capacity)
     out: list[Any] = []
     pos, i = 0, 0
     try:
@@ -221,17 +223,8 @@ def test_an_error_from_the_peer_is_a_message() -> None:
 def test_a_huge_page_fits_a_reader_sized_for_it_and_crosses_reads_whole() -> None:
     page = bytes(range(256)) * (2 << 20 >> 8)
     stream = ReqPages(0, 9, 1, 1).to_bytes() + Pages(0, 0, 1, page, 1).to_bytes()
-    reader = PreemptReader(capacity=(2 << 20) + 64)
-    out: list[Any] = []
-    pos = 0
-    while pos < len(stream):
-        room = reader.buffer()
-        n = min(room.nbytes, 65536, len(stream) - pos)
-        room[:n] = stream[pos : pos + n]
-        reader.filled(n)
-        pos += n
-        while (event := reader.next()) is not None:
-            out.append(event if event[0] != PAGES else (*event[:5], bytes(event[5])))
+    out, error = lean(stream, [65536], capacity=(2 << 20) + 64)
+    assert error is None
     assert out == [(REQ_PAGES, 0, 9, 1, 1, 0), (PAGES, 0, 0, 1, 1, page)]
 
 
