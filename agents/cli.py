@@ -97,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pm-qos",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="while a postcopy runs, ask the kernel for zero CPU wake-up latency "
-        "(/dev/cpu_dma_latency), so page faults never wait for an idle CPU to wake "
-        "(default on)",
+        help="while a migration streams pages, ask the kernel for zero CPU wake-up "
+        "latency (/dev/cpu_dma_latency), so page faults and frames never wait for an "
+        "idle CPU to wake (default on)",
     )
     p.add_argument(
         "--preempt-cpus",

@@ -72,8 +72,9 @@ class AgentConfig:
     """A tmpfs directory for guest RAM (QEMU's ``-mem-path``) instead of memfds;
     mounted with ``huge=within_size`` it gives guests transparent huge pages."""
     pm_qos: bool = True
-    """While a postcopy runs, ask the kernel for zero CPU wake-up latency
-    (agents/pmqos.py): faster page faults, idle CPUs polling meanwhile."""
+    """While a migration streams pages, ask the kernel for zero CPU wake-up latency
+    (agents/pmqos.py): faster page faults and a faster precopy stream, idle CPUs
+    polling meanwhile."""
     preempt_cpus: frozenset[int] | None = None
     """CPUs the postcopy preempt worker is pinned to (agents/preempt.py); None: any
     CPU the agent may use.  A wake-up on the CPU a task already shares costs no

@@ -212,8 +212,9 @@ class IncomingMigration:
                     self.nursery = nursery
                     nursery.start_soon(self._preempt_links)
                     self.state.set_status(S.SETUP)
-                    await self._setup()
-                    await self._load()
+                    with cpu_latency(enabled=self.agent.config.pm_qos):
+                        await self._setup()
+                        await self._load()
                     if self.state.status == S.POSTCOPY_ACTIVE:
                         await self._postcopy()
                     nursery.cancel_scope.cancel()

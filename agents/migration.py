@@ -199,7 +199,7 @@ class MigrationState:
         self.status = transition(self.role, self.status, new)
         if new == S.ACTIVE and self.setup_ms is None:
             self.setup_ms = now_ms() - self.start_ms
-        if is_terminal(new):
+        if is_terminal(new) and self.end_ms is None:
             self.end_ms = now_ms()
         if new == S.POSTCOPY_PAUSED:
             self.pauses += 1
