@@ -35,6 +35,15 @@ def _cpu_list(text: str) -> frozenset[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _size_arg(text: str) -> int:
+    from protocol.qapi import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _extensions() -> list[Any]:
     import importlib
 
@@ -92,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="guest RAM as files on this tmpfs instead of memfds (QEMU's -mem-path); "
         "mounted with huge=within_size, guests get transparent huge pages",
+    )
+    p.add_argument(
+        "--incoming-prealloc",
+        type=_size_arg,
+        metavar="SIZE",
+        help="keep SIZE of RAM (e.g. 4G) allocated and touched for the next incoming "
+        "guest, as QEMU's prealloc=on: its largest RAM block takes it, so a precopy "
+        "writes into memory the host has already backed (default 0: none; not used "
+        "by postcopy migrations)",
     )
     p.add_argument(
         "--pm-qos",
@@ -309,6 +327,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         "ram_path",
         "pm_qos",
         "preempt_cpus",
+        "incoming_prealloc",
     ):
         value = getattr(args, key)
         if value is not None:

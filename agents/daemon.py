@@ -29,6 +29,7 @@ from protocol import PROTOCOL_VERSION, qapi
 from protocol.control import DEVICE_NOT_FOUND, QmpError
 from protocol.messages import Config, Hello
 from protocol.options import CAPABILITIES, PARAMETERS, validate_capabilities, validate_parameters
+from protocol.qapi import parse_size
 from protocol.states import (
     MigrationStatus,
     Role,
@@ -49,6 +50,7 @@ from .source import OutgoingMigration
 from .transport import Transport, pki_identity, serve_migrations
 from .vm import verify
 from .vm.guest import Guest, GuestSpec
+from .vm.prealloc import PreallocPool
 from .vm.ramblock import RamBlock, ram_path_mount
 from .vm.spares import SparePool
 
@@ -75,6 +77,9 @@ class AgentConfig:
     """While a migration streams pages, ask the kernel for zero CPU wake-up latency
     (agents/pmqos.py): faster page faults and a faster precopy stream, idle CPUs
     polling meanwhile."""
+    incoming_prealloc: int = 0
+    """Bytes of RAM kept allocated and touched for the next incoming guest
+    (vm/prealloc.py, QEMU's prealloc=on); 0: none."""
     preempt_cpus: frozenset[int] | None = None
     """CPUs the postcopy preempt worker is pinned to (agents/preempt.py); None: any
     CPU the agent may use.  A wake-up on the CPU a task already shares costs no
@@ -97,6 +102,7 @@ class AgentConfig:
             "ram-path",
             "pm-qos",
             "preempt-cpus",
+            "incoming-prealloc",
         }
         unknown = set(data) - known
         if unknown:
@@ -108,6 +114,11 @@ class AgentConfig:
             attr = key.replace("-", "_")
             if attr in ("control", "pki", "state_dir", "ram_path"):
                 value = Path(value)
+            elif attr == "incoming_prealloc":
+                try:
+                    value = parse_size(value)
+                except ValueError as exc:
+                    raise ValueError(f"{path}: incoming-prealloc: {exc}") from None
             elif attr == "preempt_cpus":
                 try:
                     value = parse_cpu_list(value)
@@ -200,6 +211,9 @@ class Agent:
         """migrate-incoming autostart=false leaves arriving guests paused (QEMU's -S)."""
         self.control_tls_port: int | None = None
         self.spares = SparePool(config.spare_guests, busy=self.migrating)
+        self.prealloc = PreallocPool(
+            config.incoming_prealloc, directory=config.ram_path, busy=self.migrating
+        )
         self._nursery: trio.Nursery | None = None
         self.control = ControlServer(self._handlers(), self.events, self._qmp_version())
 
@@ -239,6 +253,8 @@ class Agent:
             await self.adopt_orphans()
             if self.spares.size:
                 await nursery.start(self.spares.run)
+            if self.prealloc.size:
+                await nursery.start(self.prealloc.run)
             if self.config.control:
                 await nursery.start(self.control.serve_unix, self.config.control)
             if self.config.control_tls:
@@ -350,6 +366,37 @@ class Agent:
             raise QmpError(f"guest '{entry.name}' is {entry.status} on this agent")
         return entry.guest
 
+    def _incoming_blocks(self, config: Config) -> list[RamBlock]:
+        """Fresh RAM blocks for an incoming guest; the largest takes the preallocated
+        memfd when there is one and no postcopy will need its pages missing."""
+        specs = list(config.ramblocks)
+        pooled = None
+        if not config.capabilities.get("postcopy-ram"):
+            small = [b for b in specs if b.page_size == 4096]
+            if small:
+                pooled = max(small, key=lambda b: b.size)
+        blocks: list[RamBlock] = []
+        try:
+            for b in specs:
+                fd = self.prealloc.take(b.size) if b is pooled else None
+                if fd is not None:
+                    log.info("incoming RAM block %s: %d MiB preallocated", b.name, b.size >> 20)
+                    blocks.append(RamBlock.from_fd(b.name, b.size, b.page_size, fd))
+                else:
+                    blocks.append(
+                        RamBlock.create(
+                            b.name,
+                            b.size,
+                            hugetlb=b.page_size > 4096,
+                            directory=self.config.ram_path,
+                        )
+                    )
+        except BaseException:
+            for block in blocks:
+                block.close()
+            raise
+        return blocks
+
     async def create_incoming_guest(
         self, incoming: IncomingMigration, config: Config
     ) -> GuestEntry:
@@ -357,12 +404,7 @@ class Agent:
         existing = self.guests.get(spec.name)
         if existing is not None and existing.status not in ("migrated", "exited"):
             raise ValueError(f"a guest named '{spec.name}' already exists on {self.config.name}")
-        blocks = [
-            RamBlock.create(
-                b.name, b.size, hugetlb=b.page_size > 4096, directory=self.config.ram_path
-            )
-            for b in config.ramblocks
-        ]
+        blocks = self._incoming_blocks(config)
         try:
             guest = await Guest.start_incoming(
                 spec,
@@ -453,6 +495,9 @@ class Agent:
 
     async def qmp_query_guests(self, args: dict[str, Any]) -> Any:
         return [e.info() for e in self.guests.values()]
+
+    async def qmp_query_incoming_prealloc(self, args: dict[str, Any]) -> Any:
+        return self.prealloc.info()
 
     async def qmp_query_status(self, args: dict[str, Any]) -> Any:
         entry = self.entry(args)

@@ -17,7 +17,11 @@ Three sections, every figure beside a baseline measured in this run:
    ``--rounds``; the guest is migrated back and forth so every round moves
    the same guest without a second fill.  Measured twice: a) guest RAM on
    memfds (the default), b) on a private tmpfs mounted huge=within_size
-   (``--ram-path``, 2 MiB transparent huge pages; needs root to mount).
+   (``--ram-path``, 2 MiB transparent huge pages; needs root to mount), c)
+   on memfds again, each agent started with ``--incoming-prealloc`` of the
+   guest's size: the receiving agent's guest RAM was allocated and touched
+   before the round (waited for, and said, before each round; not counted,
+   as QEMU's prealloc=on happens when the destination starts).
    On a VM whose host backs memory lazily and takes freed memory back (free
    page reporting), fresh 2 MiB pages can cost the host's first touch
    (~2.5 s/GiB measured here) instead of ~0.1 s/GiB: compare the rounds.
@@ -51,6 +55,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,17 +132,39 @@ async def migrate_once(
     return info, samples
 
 
-async def throughput(size: int, rounds: int, extra: list[str]) -> dict[str, Any]:
+async def prealloc_ready(agent: A.Agent) -> tuple[float, int]:
+    """Wait until ``agent``'s incoming-prealloc memfd is filled; (seconds waited, taken so far)."""
+    t0 = time.monotonic()
+    with trio.fail_after(300):
+        while not (pool := await agent.client.execute("query-incoming-prealloc"))["ready"]:
+            await trio.sleep(0.05)
+    return time.monotonic() - t0, pool["taken"]
+
+
+async def throughput(
+    size: int, rounds: int, extra: list[str], *, prealloc: bool = False
+) -> dict[str, Any]:
     out: dict[str, Any] = {"rounds": []}
+    if prealloc:
+        extra = [*extra, "--incoming-prealloc", str(size)]
     async with A.agent_pair("bench-migrate", both_listen=True, extra=extra) as pair:
         _, fill_s = await A.start_guest(pair.src, "tp", size, "idle", "random")
         out["fill_s"] = fill_s
         here, there = pair.src, pair.dst
         for _ in range(rounds):
+            pool_note = ""
+            if prealloc:
+                waited, taken = await prealloc_ready(there)
+                pool_note = (
+                    f"{there.name}'s incoming-prealloc filled {waited:.1f} s before the round"
+                )
             meter = A.CpuMeter({here.name: here.proc.pid, there.name: there.proc.pid})
             meter.start()
             info, _ = await migrate_once(pair, here, there, "tp")
             cpu = meter.stop()
+            if prealloc:
+                used = (await there.client.execute("query-incoming-prealloc"))["taken"] > taken
+                pool_note += "; the guest's RAM took it" if used else "; NOT used by the guest"
             ram = info["ram"]
             total_s = info["total-time"] / 1000
             setup_s = info.get("setup-time", 0) / 1000
@@ -153,6 +180,7 @@ async def throughput(size: int, rounds: int, extra: list[str]) -> dict[str, Any]
                     "wire": wire,
                     "passes": ram.get("dirty-sync-count"),
                     "cpu": cpu,
+                    "pool": pool_note,
                 }
             )
             here, there = there, here
@@ -270,6 +298,8 @@ def report_throughput(tp: dict[str, Any], ssl_b: float, tcp_b: float) -> None:
             f"{r['transferred'] / 1e9:.3f} GB, channels sent {r['wire'] / 1e9:.3f} GB"
         )
         print(f"     {r['cpu']}")
+        if r["pool"]:
+            print(f"     {r['pool']}")
     for k, v in best.items():
         print(
             f"   godwit {k:<27} {v:6.2f} GB/s   {v / ssl_b:6.0%} of blocking ssl   "
@@ -314,6 +344,7 @@ def main() -> int:
         tp_huge = (
             trio.run(throughput, size, rounds, ["--ram-path", str(ram_dir)]) if ram_dir else None
         )
+    tp_pre = trio.run(partial(throughput, size, rounds, [], prealloc=True))
     base2 = baselines(size, 1)  # again after the migrations: the machine's drift shows
     for k, v in base2.items():
         base[k] = max(base[k], v)
@@ -331,6 +362,11 @@ def main() -> int:
         print(f"   not measured: {why_not}")
     else:
         report_throughput(tp_huge, ssl_b, tcp_b)
+    print(
+        f"   c) guest RAM on memfds, the receiving agent keeping {size >> 20} MiB touched "
+        "ahead (--incoming-prealloc, QEMU's prealloc=on)"
+    )
+    report_throughput(tp_pre, ssl_b, tcp_b)
 
     sys.stdout.flush()
     if "2" in args.sections:

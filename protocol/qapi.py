@@ -204,6 +204,11 @@ COMMANDS: dict[str, CommandSpec] = {
             returns="{verified, method, detail, digest}",
         ),
         CommandSpec("query-guests", "Every guest on this agent.", returns="[GuestInfo]"),
+        CommandSpec(
+            "query-incoming-prealloc",
+            "The RAM kept allocated for the next incoming guest (incoming-prealloc).",
+            returns="{size, ready, taken}",
+        ),
     )
 }
 

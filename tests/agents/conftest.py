@@ -7,8 +7,10 @@ processes); ``tests/agents/test_demo.py`` covers agents as separate processes.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,7 @@ async def running_agent(
     ram_path: Path | None = None,
     pm_qos: bool = True,
     preempt_cpus: frozenset[int] | None = None,
+    incoming_prealloc: int = 0,
 ) -> AsyncIterator[RunningAgent]:
     sock = tmp / f"{name}.sock"
     config = AgentConfig(
@@ -74,6 +77,7 @@ async def running_agent(
         ram_path=ram_path,
         pm_qos=pm_qos,
         preempt_cpus=preempt_cpus,
+        incoming_prealloc=incoming_prealloc,
     )
     agent = Agent(config)
     async with trio.open_nursery() as nursery:
@@ -142,3 +146,21 @@ async def start_postcopy_migration(
     await src.client.wait_status("vm1", {"active"}, timeout=30, poll=0.02)
     await trio.sleep(0.3)
     await src.client.execute("migrate-start-postcopy", {"guest": "vm1"})
+
+
+@contextmanager
+def huge_tmpfs(d: Path) -> Iterator[Path]:
+    d.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount(8) here: apt-get install mount")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "huge=within_size,size=512M,mode=0700", "tmpfs", d],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], check=False)

@@ -10,40 +10,19 @@ before a guest exists.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import running_agent, set_caps, start_postcopy_migration
+from conftest import huge_tmpfs, running_agent, set_caps, start_postcopy_migration
 
 from agents.vm.ramblock import ram_path_mount
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root (mount, userfaultfd, PAGEMAP_SCAN)"
 )
-
-
-@contextmanager
-def huge_tmpfs(d: Path) -> Iterator[Path]:
-    d.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount(8) here: apt-get install mount")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "huge=within_size,size=512M,mode=0700", "tmpfs", d],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", d], check=False)
 
 
 def used(d: Path) -> int:
