@@ -36,9 +36,10 @@ import logging
 import mmap
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import trio
+
+from agents.vm.ramblock import ram_file
 
 log = logging.getLogger("godwit.prealloc")
 
@@ -133,7 +134,7 @@ class PreallocPool:
             await trio.sleep(self.idle_poll)
 
     async def _fill(self) -> int:
-        fd = _new_file(self.directory)
+        fd = ram_file("incoming-prealloc", self.directory)
         try:
             os.ftruncate(fd, self.size)
             with mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED) as mapping:
@@ -147,9 +148,3 @@ class PreallocPool:
             os.close(fd)
             raise
         return fd
-
-
-def _new_file(directory: str | os.PathLike[str] | None) -> int:
-    if directory is not None:
-        return os.open(Path(directory), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    return os.memfd_create("godwit:incoming-prealloc", os.MFD_CLOEXEC)

@@ -60,6 +60,16 @@ def ram_path_mount(path: str | os.PathLike[str]) -> tuple[str, str]:
     return best[0], best[2]
 
 
+def ram_file(
+    name: str, directory: str | os.PathLike[str] | None = None, *, flags: int = MFD_CLOEXEC
+) -> int:
+    """A new, empty file for guest RAM: a memfd, or an unnamed file on the ``ram-path``
+    tmpfs ``directory`` (QEMU's ``-mem-path``).  ``flags`` are memfd_create's."""
+    if directory is not None:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    return os.memfd_create(f"godwit:{name}", flags)
+
+
 def free_huge_pages() -> int:
     """2 MiB huge pages free for new reservations (free minus already reserved)."""
     try:
@@ -136,10 +146,7 @@ class RamBlock:
                     f"reserve them with `echo N > /proc/sys/vm/nr_hugepages` as root"
                 )
             flags |= MFD_HUGETLB | MFD_HUGE_2MB
-        if directory is not None and not hugetlb:
-            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        else:
-            fd = os.memfd_create(f"godwit:{name}", flags)
+        fd = ram_file(name, None if hugetlb else directory, flags=flags)
         try:
             os.ftruncate(fd, size)
             return cls(name, size, page_size, fd)

@@ -70,62 +70,50 @@ def test_a_missing_device_is_logged_once_and_the_block_still_runs(
     assert len(said) == 1 and "No such file or directory" in said[0]
 
 
-@pytest.mark.parametrize("pm_qos", [True, False], ids=["pm-qos", "no-pm-qos"])
-async def test_both_agents_hold_a_request_while_postcopy_runs_and_drop_it_after(
-    short_tmp: Path, pki_dir: Path, pm_qos: bool
-) -> None:
-    needs_device()
-    before = held_requests()
-    async with (
-        running_agent(short_tmp, pki_dir, "source", listen=False, pm_qos=pm_qos) as src,
-        running_agent(short_tmp, pki_dir, "destination", pm_qos=pm_qos) as dst,
-    ):
-        await start_postcopy_migration(
-            src, dst, memory="64M", preempt=True, **{"postcopy-blocktime": True}
-        )
-        # Slow background: postcopy lasts long enough to look at it.
-        await src.client.execute(
-            "migrate-set-parameters", {"guest": "vm1", "max-postcopy-bandwidth": 8 << 20}
-        )
-        await src.client.wait_status("vm1", {"postcopy-active"}, timeout=30, poll=0.01)
-        await dst.client.wait_status("vm1", {"postcopy-active"}, timeout=30, poll=0.01)
-        await trio.sleep(0.2)
-        during = held_requests() - before
-        await src.client.wait_status("vm1", {"completed"}, timeout=120, poll=0.05)
-        await dst.client.wait_status("vm1", {"completed"}, timeout=30, poll=0.05)
-        await trio.sleep(0.2)
-        after = held_requests() - before
-    assert during == (2 if pm_qos else 0)
-    assert after == 0
+async def _in_postcopy(src, dst) -> None:
+    await start_postcopy_migration(
+        src, dst, memory="64M", preempt=True, **{"postcopy-blocktime": True}
+    )
+    # Slow background: postcopy lasts long enough to look at it.
+    await src.client.execute(
+        "migrate-set-parameters", {"guest": "vm1", "max-postcopy-bandwidth": 8 << 20}
+    )
+    await src.client.wait_status("vm1", {"postcopy-active"}, timeout=30, poll=0.01)
+    await dst.client.wait_status("vm1", {"postcopy-active"}, timeout=30, poll=0.01)
 
 
-@pytest.mark.parametrize("pm_qos", [True, False], ids=["pm-qos", "no-pm-qos"])
-async def test_both_agents_hold_a_request_while_precopy_streams_and_drop_it_at_the_end(
-    short_tmp: Path, pki_dir: Path, pm_qos: bool
-) -> None:
+async def _in_precopy(src, dst) -> None:
     """Precopy's stream wakes a thread per frame on each side too: on the VM
     these agents run on, holding the request cut a 1 GiB precopy from 1.6-2.6 s
     to 1.4-1.8 s (interleaved runs)."""
+    await src.client.execute("guest-start", {"name": "vm1", "memory": "32M", "workload": "counter"})
+    # Slow precopy: it lasts long enough to look at it.
+    await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 8 << 20})
+    await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
+    await src.client.wait_status("vm1", {"active"}, timeout=30, poll=0.01)
+    await trio.sleep(0.3)  # the destination's guest exists from CONFIG on
+    await dst.client.wait_status("vm1", {"active"}, timeout=30, poll=0.01)
+
+
+@pytest.mark.parametrize("pm_qos", [True, False], ids=["pm-qos", "no-pm-qos"])
+@pytest.mark.parametrize("phase", [_in_precopy, _in_postcopy], ids=["precopy", "postcopy"])
+async def test_both_agents_hold_a_request_while_pages_stream_and_drop_it_at_the_end(
+    short_tmp: Path, pki_dir: Path, pm_qos: bool, phase
+) -> None:
     needs_device()
     before = held_requests()
     async with (
         running_agent(short_tmp, pki_dir, "source", listen=False, pm_qos=pm_qos) as src,
         running_agent(short_tmp, pki_dir, "destination", pm_qos=pm_qos) as dst,
     ):
-        await src.client.execute(
-            "guest-start", {"name": "vm1", "memory": "32M", "workload": "counter"}
-        )
-        # Slow precopy: it lasts long enough to look at it.
-        await src.client.execute(
-            "migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 8 << 20}
-        )
-        await src.client.execute("migrate", {"guest": "vm1", "uri": dst.uri})
-        await src.client.wait_status("vm1", {"active"}, timeout=30, poll=0.01)
-        await trio.sleep(0.3)  # the destination's guest exists from CONFIG on
-        await dst.client.wait_status("vm1", {"active"}, timeout=30, poll=0.01)
+        await phase(src, dst)
+        await trio.sleep(0.2)
         during = held_requests() - before
-        await src.client.execute("migrate-set-parameters", {"guest": "vm1", "max-bandwidth": 0})
-        await src.client.wait_status("vm1", {"completed"}, timeout=60, poll=0.05)
+        await src.client.execute(
+            "migrate-set-parameters",
+            {"guest": "vm1", "max-bandwidth": 0, "max-postcopy-bandwidth": 0},
+        )
+        await src.client.wait_status("vm1", {"completed"}, timeout=120, poll=0.05)
         await dst.client.wait_status("vm1", {"completed"}, timeout=30, poll=0.05)
         await trio.sleep(0.2)
         after = held_requests() - before
